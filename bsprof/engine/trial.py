@@ -1,0 +1,236 @@
+"""One trial: a (workload, kind, batch size, seed, lr, repeat) measurement, and its outcome.
+
+A trial always ends in a :class:`TrialResult` with a status — ``ok``, ``oom``, ``diverged``,
+``budget_exhausted`` or ``error`` — so that the sweep can store it and go on. Only ``KeyboardInterrupt``
+and ``SystemExit`` escape.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bsprof.engine.device import device_name, synchronizer
+from bsprof.engine.monitors import Monitor, NullGpu, Telemetry
+from bsprof.engine.oom import free_memory, is_oom
+from bsprof.engine.step import TrainingStep
+from bsprof.engine.timing import StepTimes, TimingSettings, time_steps
+
+if TYPE_CHECKING:
+    from bsprof.workload import Workload
+
+__all__ = ["KINDS", "STATUSES", "EngineSettings", "TrialResult", "TrialSpec", "run_throughput_trial"]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("throughput", "convergence")
+STATUSES = ("ok", "oom", "diverged", "budget_exhausted", "error")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What a trial measures; its identity in the store.
+
+    Attributes:
+        workload: Workload name.
+        kind: ``throughput`` or ``convergence``.
+        batch_size: Samples per step.
+        seed: Seeds model initialisation and batch order.
+        lr: Learning rate.
+        repeat: Round of a throughput sweep's rotation (0-based); 0 for convergence.
+    """
+
+    workload: str
+    kind: str
+    batch_size: int
+    seed: int
+    lr: float
+    repeat: int = 0
+
+    def key(self) -> tuple[str, int, int, float, int]:
+        return (self.kind, self.batch_size, self.seed, round(self.lr, 12), self.repeat)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How trials run on this device.
+
+    Attributes:
+        device: The torch device of every trial.
+        amp: ``off``, ``bf16`` or ``fp16``.
+        compile: Use ``torch.compile``.
+        timing: Warm-up and measurement lengths of throughput trials.
+        monitor_hz: Telemetry polls per second.
+        gpu_sampler_factory: Builds the GPU sampler for the device; ``None`` uses :func:`default_gpu_sampler`.
+    """
+
+    device: torch.device
+    amp: str = "off"
+    compile: bool = False
+    timing: TimingSettings = field(default_factory=TimingSettings)
+    monitor_hz: float = 20.0
+    gpu_sampler_factory: Any = None
+
+    def config(self) -> dict[str, object]:
+        """The settings that change measurements; part of a run's config hash."""
+        t = self.timing
+        return {
+            "device": str(self.device),
+            "amp": self.amp,
+            "compile": self.compile,
+            "timing": [t.warmup_steps, t.warmup_s, t.min_time_s, t.min_steps, t.block_min_s, t.min_blocks],
+        }
+
+
+def default_gpu_sampler(device: torch.device) -> NullGpu:
+    """The GPU sampler for ``device``: a :class:`NullGpu` with its reason where GPU telemetry is impossible."""
+    if device.type != "cuda":
+        return NullGpu(f"trial ran on {device.type}, not a GPU")
+    return NullGpu("GPU telemetry through NVML is not implemented yet")
+
+
+@dataclass
+class TrialResult:
+    """What a trial produced. Metric names carry their units (``step_time_s``, ``peak_mem_bytes``).
+
+    Attributes:
+        spec: The trial's identity.
+        status: One of :data:`STATUSES`.
+        device: Device string, e.g. ``cpu`` or ``cuda:0``.
+        device_name: e.g. ``NVIDIA A100-SXM4-80GB``.
+        metrics: Export columns measured by this trial (missing ones are absent or ``None``).
+        reasons: Why a metric is ``None`` (column -> reason).
+        step_times: Raw block timings (throughput trials).
+        error: Message of a failed trial.
+        started_at: Unix time (seconds) when the trial began.
+        duration_s: Wall-clock seconds of the whole trial, set-up included.
+        curve: Learning-curve rows (convergence trials).
+        extra: Anything else worth keeping (stored as JSON).
+    """
+
+    spec: TrialSpec
+    status: str
+    device: str
+    device_name: str = ""
+    metrics: dict[str, float | int | bool | None] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    step_times: StepTimes | None = None
+    error: str | None = None
+    started_at: float = 0.0
+    duration_s: float = 0.0
+    curve: list[dict[str, float | None]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _memory_metrics(device: torch.device, telemetry: Telemetry | None) -> tuple[dict[str, Any], dict[str, str]]:
+    if device.type == "cuda":
+        return (
+            {
+                "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_mem_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+            },
+            {},
+        )
+    if telemetry is None:
+        return {"peak_mem_bytes": None}, {"peak_mem_bytes": "no telemetry window"}
+    return (
+        {"peak_mem_bytes": telemetry.rss_growth_bytes, "peak_mem_reserved_bytes": None},
+        {
+            "peak_mem_bytes": "cpu: peak growth of process RSS during the trial (sampled; a lower bound)",
+            "peak_mem_reserved_bytes": "cpu: no caching allocator statistics",
+        },
+    )
+
+
+def _gpu_metrics(telemetry: Telemetry | None) -> tuple[dict[str, Any], dict[str, str]]:
+    if telemetry is None:
+        return {}, {}
+    return dict(telemetry.gpu), dict(telemetry.reasons)
+
+
+def failure_result(spec: TrialSpec, exc: BaseException, device: torch.device, started: float) -> TrialResult:
+    """Turn an exception raised inside a trial into an ``oom`` or ``error`` result (memory freed)."""
+    oom = is_oom(exc)
+    message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500] if str(exc) else type(exc).__name__
+    if not oom:
+        log.warning("trial %s failed: %s", spec, message)
+        log.debug("%s", "".join(traceback.format_exception(exc)))
+    free_memory(device)
+    return TrialResult(
+        spec=spec,
+        status="oom" if oom else "error",
+        device=str(device),
+        device_name=device_name(device),
+        error=message,
+        started_at=started,
+        duration_s=time.time() - started,
+    )
+
+
+def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSettings) -> TrialResult:
+    """Build a fresh training step, warm up, time blocks of steps; measure memory and telemetry.
+
+    Args:
+        workload: The workload (its name should equal ``spec.workload``).
+        spec: Batch size, seed, LR and repeat of this trial (``kind == "throughput"``).
+        settings: Device, precision and timing.
+
+    Returns:
+        A result with ``samples_per_s``, ``step_time_s``, ``step_time_iqr_s``, ``peak_mem_bytes`` and the
+        GPU fields (``None`` with a reason where not measured); status ``oom`` or ``error`` on failure.
+    """
+    device = settings.device
+    started = time.time()
+    step: TrainingStep | None = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        gpu = (settings.gpu_sampler_factory or default_gpu_sampler)(device)
+        monitor = Monitor(gpu, hz=settings.monitor_hz)
+        with monitor.window() as window:
+            step = TrainingStep(
+                workload,
+                batch_size=spec.batch_size,
+                seed=spec.seed,
+                lr=spec.lr,
+                device=device,
+                amp=settings.amp,
+                compile=settings.compile,
+            )
+            times = time_steps(step, batch_size=spec.batch_size, settings=settings.timing, sync=synchronizer(device))
+        expected = times.warmup_steps + times.measured_steps
+        if step.steps_done != expected:
+            raise RuntimeError(f"engine bug: {step.steps_done} steps ran, {expected} were timed")
+        telemetry = window[0]
+        metrics: dict[str, Any] = {
+            "samples_per_s": times.samples_per_s,
+            "step_time_s": times.median_s,
+            "step_time_iqr_s": times.iqr_s,
+            "measured_steps": times.measured_steps,
+        }
+        reasons: dict[str, str] = {}
+        for m, r in (_memory_metrics(device, telemetry), _gpu_metrics(telemetry)):
+            metrics.update(m)
+            reasons.update(r)
+        return TrialResult(
+            spec=spec,
+            status="ok",
+            device=str(device),
+            device_name=device_name(device),
+            metrics=metrics,
+            reasons=reasons,
+            step_times=times,
+            started_at=started,
+            duration_s=time.time() - started,
+            extra={"cpu_pct_mean": telemetry.cpu_pct_mean, "rel_iqr": times.rel_iqr},
+        )
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a stored trial
+        del step
+        return failure_result(spec, exc, device, started)

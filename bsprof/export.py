@@ -1,0 +1,96 @@
+"""Tidy export of a store: one row per trial, the DESIGN.md columns first, SI units in every name.
+
+Empty (``None`` / NaN, an empty cell in CSV) means *not measured*; the ``empty_reasons`` column says why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bsprof.errors import BadInput
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from bsprof.store import Store
+
+__all__ = ["COLUMNS", "EXTRA_COLUMNS", "FORMATS", "trials_frame", "write_export"]
+
+COLUMNS = (
+    "run_id", "workload", "kind", "batch_size", "seed", "lr", "status", "device",
+    "samples_per_s", "step_time_s", "peak_mem_bytes", "gpu_util_pct", "power_w", "energy_j",
+    "steps_to_target", "samples_to_target", "time_to_target_s", "reached_target",
+    "final_train_metric", "final_val_metric",
+)  # fmt: skip
+"""The export contract of DESIGN.md, in order."""
+
+EXTRA_COLUMNS = (
+    "trial_id", "repeat", "device_name", "step_time_iqr_s", "measured_steps", "peak_mem_reserved_bytes",
+    "error", "empty_reasons", "started_at", "duration_s",
+)  # fmt: skip
+"""Further columns bsprof adds after the contract's; later features append their own after these."""
+
+FORMATS = ("csv", "json", "parquet")
+
+
+def trials_frame(store: Store | str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """The trials of a store (all runs, or ``run_ids``) as a tidy DataFrame.
+
+    Args:
+        store: A :class:`~bsprof.store.Store` or the path of one.
+        run_ids: Restrict to these runs.
+
+    Returns:
+        One row per trial: :data:`COLUMNS`, then :data:`EXTRA_COLUMNS`, then any further metric a trial
+        stored. Missing values are NaN / None.
+    """
+    import pandas as pd
+
+    from bsprof.store import Store
+
+    owned = not isinstance(store, Store)
+    st = Store(store) if owned else store
+    try:
+        rows = st.trial_rows(run_ids)
+    finally:
+        if owned:
+            st.close()
+    records = []
+    for row in rows:
+        reasons = row.pop("reasons") or {}
+        row.pop("step_times", None)
+        row.pop("extra", None)
+        row["empty_reasons"] = "; ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or None
+        records.append(row)
+    extra = sorted({k for r in records for k in r} - set(COLUMNS) - set(EXTRA_COLUMNS))
+    frame = pd.DataFrame.from_records(records, columns=[*COLUMNS, *EXTRA_COLUMNS, *extra])
+    for col in ("steps_to_target", "samples_to_target", "peak_mem_bytes", "peak_mem_reserved_bytes", "measured_steps"):
+        frame[col] = frame[col].astype("Int64")
+    frame["reached_target"] = frame["reached_target"].astype("boolean")
+    return frame
+
+
+def write_export(frame: pd.DataFrame, fmt: str, out: str | Path | None) -> str | None:
+    """Write ``frame`` as ``fmt`` to ``out``, or return the text when ``out`` is ``None`` (csv/json only)."""
+    if fmt not in FORMATS:
+        raise BadInput(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        if out is None:
+            raise BadInput("--format parquet needs -o FILE (parquet is binary)")
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise BadInput("--format parquet needs pyarrow: pip install 'bsprof[parquet]'") from None
+        frame.to_parquet(out, index=False)
+        return None
+    if fmt == "csv":
+        text = frame.to_csv(index=False)
+    else:
+        text = json.dumps(json.loads(frame.to_json(orient="records")), indent=1)
+    if out is None:
+        return text
+    Path(out).write_text(text, encoding="utf-8")
+    return None

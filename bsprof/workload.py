@@ -1,0 +1,200 @@
+"""The Workload contract: what bsprof needs to know about a training job.
+
+A workload provides a fresh seeded model, training and validation data, the loss, the validation metric
+(higher is better unless :attr:`Workload.higher_is_better` is ``False``), a default target, an optimizer
+factory taking the learning rate, and a base learning rate at a base batch size. The trial engine owns
+the training step, the timing and the evaluation schedule; the workload only describes the job.
+
+Workloads are loaded by built-in name (``digits-mlp``), by ``package.module:factory`` or by
+``path/to/file.py:factory``; the factory is called with no arguments and must return a :class:`Workload`.
+See :func:`load_workload`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bsprof.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["Split", "Workload", "load_workload"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One in-memory split of a dataset: ``inputs[i]`` goes with ``targets[i]``.
+
+    Attributes:
+        inputs: Tensor whose first dimension indexes examples.
+        targets: Tensor whose first dimension indexes examples.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.inputs.shape[0] != self.targets.shape[0]:
+            raise ValueError(f"inputs and targets differ in length: {self.inputs.shape[0]} != {self.targets.shape[0]}")
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def to(self, device: torch.device | str) -> Split:
+        """The same split on ``device`` (no copy when it is already there)."""
+        return Split(self.inputs.to(device), self.targets.to(device))
+
+
+class Workload(ABC):
+    """A PyTorch training job that bsprof can sweep over batch sizes.
+
+    Subclasses set the class attributes and implement the abstract methods. Data live in memory
+    (:class:`Split`); the engine moves them to the trial's device once and batches by index.
+
+    Attributes:
+        name: Short identifier, e.g. ``"digits-mlp"``.
+        description: One line for ``bsprof workloads``.
+        metric_name: Name of the validation metric, e.g. ``"accuracy"``.
+        higher_is_better: Direction of the metric.
+        target: Default validation target, or ``None`` for throughput-only workloads.
+        base_lr: Learning rate tuned at ``base_batch_size``; LR rules scale from here.
+        base_batch_size: Batch size (samples) at which ``base_lr`` was tuned.
+        max_lr: Cap applied by LR scaling rules, or ``None`` for no cap.
+        eval_batch_size: Batch size (samples) used for evaluation; independent of the swept size.
+    """
+
+    name: str = "workload"
+    description: str = ""
+    metric_name: str = "accuracy"
+    higher_is_better: bool = True
+    target: float | None = None
+    base_lr: float = 0.1
+    base_batch_size: int = 32
+    max_lr: float | None = None
+    eval_batch_size: int = 1024
+
+    @abstractmethod
+    def build_model(self, seed: int) -> nn.Module:
+        """A freshly initialised model; the same ``seed`` gives the same weights."""
+
+    @abstractmethod
+    def train_split(self) -> Split:
+        """The training data, on the CPU (the engine moves it to the trial's device)."""
+
+    @abstractmethod
+    def val_split(self) -> Split:
+        """The validation data, on the CPU."""
+
+    @abstractmethod
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The scalar training loss of one batch."""
+
+    def make_optimizer(self, params: object, lr: float) -> torch.optim.Optimizer:
+        """The optimizer for ``params`` at learning rate ``lr``. Default: SGD with Nesterov momentum 0.9."""
+        import torch
+
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)  # type: ignore[arg-type]
+
+    def metric(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The metric over a batch of outputs; default top-1 accuracy (a fraction in [0, 1])."""
+        return float((outputs.argmax(dim=-1) == targets).float().mean().item())
+
+    def has_reached_target(self, value: float, target: float) -> bool:
+        """Whether a metric value meets the target, respecting :attr:`higher_is_better`."""
+        return value >= target if self.higher_is_better else value <= target
+
+    def config(self) -> dict[str, object]:
+        """Parameters that identify this workload's variant; part of a run's config hash."""
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _from_module(module_name: str, attr: str) -> Callable[[], object]:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise BadInput(f"cannot import workload module {module_name!r}: {e}") from e
+    except Exception as e:  # the plug-in's own code raised while importing
+        raise BadInput(f"importing workload module {module_name!r} failed: {type(e).__name__}: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise BadInput(f"workload module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _from_file(path: Path, attr: str) -> Callable[[], object]:
+    if not path.is_file():
+        raise BadInput(f"workload file not found: {path}")
+    module_name = f"_bsprof_plugin_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise BadInput(f"cannot load workload file {path} (not a Python file?)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(module_name, None)
+        raise BadInput(f"importing workload file {path} failed: {type(e).__name__}: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise BadInput(f"workload file {path} has no attribute {attr!r}") from None
+
+
+def load_workload(spec: str | Workload) -> Workload:
+    """Resolve a workload by built-in name, ``package.module:factory`` or ``path/to/file.py:factory``.
+
+    Args:
+        spec: The workload reference, or a :class:`Workload` (returned as is).
+
+    Returns:
+        A :class:`Workload` instance.
+
+    Raises:
+        BadInput: Unknown name, missing file or attribute, a factory that raises or returns something
+            other than a Workload. The message is one line.
+    """
+    if isinstance(spec, Workload):
+        return spec
+    from bsprof.workloads import BUILTINS
+
+    spec = spec.strip()
+    if spec in BUILTINS:
+        factory: Callable[[], object] = BUILTINS[spec].factory
+    elif ":" in spec:
+        target, _, attr = spec.rpartition(":")
+        if not target or not attr:
+            raise BadInput(f"workload {spec!r}: expected 'package.module:factory' or 'file.py:factory'")
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            factory = _from_file(Path(target), attr)
+        else:
+            factory = _from_module(target, attr)
+    else:
+        names = ", ".join(sorted(BUILTINS))
+        raise BadInput(f"unknown workload {spec!r}; built-ins are {names}, or give 'module:factory'")
+    if isinstance(factory, Workload):
+        workload: object = factory
+    elif (isinstance(factory, type) and issubclass(factory, Workload)) or callable(factory):
+        try:
+            workload = factory()
+        except BadInput:
+            raise
+        except Exception as e:
+            raise BadInput(f"workload factory {spec!r} raised {type(e).__name__}: {e}") from e
+    else:
+        raise BadInput(f"workload {spec!r} is neither a Workload nor a callable returning one")
+    if not isinstance(workload, Workload):
+        raise BadInput(f"workload factory {spec!r} returned {type(workload).__name__}, not a bsprof.Workload")
+    return workload
