@@ -7,12 +7,30 @@ Nothing here measures or formats: it aggregates trials into per-batch-size table
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["throughput_table"]
+__all__ = [
+    "MAXIMAL_SLOPE",
+    "PERFECT_SLOPE",
+    "NoiseScaleFit",
+    "Recommendation",
+    "add_scaling",
+    "convergence_table",
+    "fit_steps_model",
+    "pareto_front",
+    "recommend",
+    "regime_of",
+    "reported_convergence",
+    "throughput_table",
+    "tradeoff_table",
+]
 
 
 def _q(series: pd.Series, q: float) -> float:
@@ -83,3 +101,309 @@ def throughput_table(trials: pd.DataFrame) -> pd.DataFrame:
         table.loc[g.index, "speedup"] = speedup
         table.loc[g.index, "scaling_efficiency"] = speedup / (g["batch_size"] / base["batch_size"])
     return table
+
+
+# --- convergence -------------------------------------------------------------------------------------------
+
+PERFECT_SLOPE = 0.8
+"""Regime threshold: between consecutive batch sizes, steps fall at least as B^-0.8 (a doubling removes
+>= 43% of the steps; perfect scaling is B^-1, Shallue et al. 2018)."""
+
+MAXIMAL_SLOPE = 0.15
+"""Regime threshold: steps fall more slowly than B^-0.15 (a doubling removes < 10% of the steps):
+maximal data parallelism, bigger batches buy (almost) no fewer steps."""
+
+_TO_TARGET = ("steps_to_target", "samples_to_target", "time_to_target_s")
+
+
+def reported_convergence(trials: pd.DataFrame) -> pd.DataFrame:
+    """The convergence trials whose figures are reported: ``main`` and ``final`` phases (tuning trials
+    chose the LR; their best-of-K medians are optimistic, so they are not reported)."""
+    conv = trials[trials["kind"] == "convergence"]
+    if "phase" in conv.columns:
+        conv = conv[conv["phase"].fillna("main").isin(["main", "final"])]
+    return conv
+
+
+def _bootstrap_median_ci(values: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
+    import numpy as np
+
+    if len(values) == 0:
+        return math.nan, math.nan
+    if len(values) == 1:
+        return float(values[0]), float(values[0])
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    medians = np.median(values[idx], axis=1)
+    lo, hi = np.quantile(medians, [0.025, 0.975], method="inverted_cdf")
+    return float(lo), float(hi)
+
+
+def convergence_table(trials: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per (workload, device, batch size): steps-, samples- and time-to-target across seeds.
+
+    A seed that missed the target (any status but ``ok``) counts as infinitely slow (the AlgoPerf /
+    MLPerf convention): the median is ``inf`` when half or more of the seeds failed.
+
+    Returns:
+        Columns ``workload, device, batch_size, lr, seeds, reached, reached_fraction``, and for each of
+        ``steps_to_target, samples_to_target, time_to_target_s``: the median and ``_ci_low`` /
+        ``_ci_high`` (bootstrap 95% CI of the median), plus ``statuses`` (counts of non-ok statuses),
+        ``final_train_metric`` and ``final_val_metric`` (medians), ``generalization_gap``
+        (train - validation metric), ``epochs_to_target`` (median), ``bracket_rel_width`` (largest
+        (steps - bracket) / steps over the seeds) and ``target_fallbacks`` (total).
+    """
+    import numpy as np
+    import pandas as pd
+
+    conv = reported_convergence(trials)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (workload, device, b), g in conv.groupby(["workload", "device", "batch_size"], sort=True):
+        ok = g["status"] == "ok"
+        row: dict[str, Any] = {
+            "workload": workload,
+            "device": device,
+            "batch_size": int(b),
+            "lr": float(g["lr"].median()),
+            "seeds": len(g),
+            "reached": int(ok.sum()),
+            "reached_fraction": float(ok.mean()),
+            "statuses": ", ".join(f"{s}: {n}" for s, n in g.loc[~ok, "status"].value_counts().items()),
+        }
+        for col in _TO_TARGET:
+            vals = np.where(ok, pd.to_numeric(g[col], errors="coerce").astype(float), np.inf)
+            vals = np.where(np.isnan(vals), np.inf, vals)
+            row[col] = float(np.median(vals)) if len(vals) else math.nan
+            row[f"{col}_ci_low"], row[f"{col}_ci_high"] = _bootstrap_median_ci(vals, rng, n_boot)
+        for col in ("final_train_metric", "final_val_metric", "epochs_to_target"):
+            row[col] = float(pd.to_numeric(g.loc[ok, col], errors="coerce").median()) if ok.any() else math.nan
+        row["generalization_gap"] = row["final_train_metric"] - row["final_val_metric"]
+        if ok.any() and "bracket_steps" in g.columns:
+            s = pd.to_numeric(g.loc[ok, "steps_to_target"], errors="coerce")
+            br = pd.to_numeric(g.loc[ok, "bracket_steps"], errors="coerce")
+            row["bracket_rel_width"] = float(((s - br) / s).max())
+        else:
+            row["bracket_rel_width"] = math.nan
+        row["target_fallbacks"] = (
+            int(pd.to_numeric(g["target_fallbacks"], errors="coerce").fillna(0).sum())
+            if "target_fallbacks" in g.columns
+            else 0
+        )
+        rows.append(row)
+    cols = ["workload", "device", "batch_size", "lr", "seeds", "reached", "reached_fraction", "statuses"]
+    for col in _TO_TARGET:
+        cols += [col, f"{col}_ci_low", f"{col}_ci_high"]
+    cols += ["final_train_metric", "final_val_metric", "generalization_gap", "epochs_to_target",
+             "bracket_rel_width", "target_fallbacks"]  # fmt: skip
+    table = pd.DataFrame(rows, columns=cols)
+    return add_scaling(table)
+
+
+def add_scaling(table: pd.DataFrame) -> pd.DataFrame:
+    """Add scaling efficiency, slopes, the noise-scale fit's prediction and a regime per batch size.
+
+    Columns added: ``scaling_efficiency`` E(B) = S(B0)·B0 / (S(B)·B) against the smallest batch size B0
+    with a finite median; ``local_slope``, the measured ``-dlog S / dlog B`` from the previous batch size;
+    ``model_slope`` = B_noise / (B + B_noise), the slope of the fitted S = S_min(1 + B_noise/B); and
+    ``regime`` from ``model_slope`` when the fit is constrained (smooth, robust to seed noise), else from
+    ``local_slope`` (see :func:`regime_of`); ``regime_source`` says which.
+    """
+    table = table.copy()
+    for col in ("scaling_efficiency", "local_slope", "model_slope", "fit_steps"):
+        table[col] = math.nan
+    table["regime"] = None
+    table["regime_source"] = None
+    for _, g in table.groupby(["workload", "device"], sort=False):
+        finite = g[np.isfinite(g["steps_to_target"].astype(float))] if len(g) else g
+        if finite.empty:
+            continue
+        b0, s0 = finite.iloc[0]["batch_size"], finite.iloc[0]["steps_to_target"]
+        table.loc[finite.index, "scaling_efficiency"] = (s0 * b0) / (finite["steps_to_target"] * finite["batch_size"])
+        idx = list(finite.index)
+        if len(idx) > 1:
+            slopes = -np.diff(np.log(finite["steps_to_target"].astype(float))) / np.diff(
+                np.log(finite["batch_size"].astype(float))
+            )
+            table.loc[idx[1:], "local_slope"] = slopes
+        fit = fit_steps_model(finite["batch_size"], finite["steps_to_target"])
+        if fit is not None and fit.constrained:
+            bs = g["batch_size"].astype(float)
+            table.loc[g.index, "model_slope"] = fit.b_noise / (bs + fit.b_noise)
+            table.loc[g.index, "fit_steps"] = fit.s_min * (1 + fit.b_noise / bs)
+            table.loc[g.index, "regime"] = [regime_of(x) for x in table.loc[g.index, "model_slope"]]
+            table.loc[g.index, "regime_source"] = "fit"
+        elif len(idx) > 1:
+            for i in idx[1:]:
+                table.loc[i, "regime"] = regime_of(float(table.loc[i, "local_slope"]))
+            table.loc[idx[0], "regime"] = table.loc[idx[1], "regime"]
+            table.loc[idx, "regime_source"] = "measured slope"
+    return table
+
+
+def regime_of(slope: float) -> str:
+    """The Shallue et al. regime of a local slope ``-dlog S / dlog B`` (see :data:`PERFECT_SLOPE`)."""
+    if slope >= PERFECT_SLOPE:
+        return "perfect scaling"
+    if slope < MAXIMAL_SLOPE:
+        return "maximal data parallelism"
+    return "diminishing returns"
+
+
+@dataclass(frozen=True)
+class NoiseScaleFit:
+    """Fit of S(B) = S_min (1 + B_noise / B) to median steps-to-target (McCandlish et al. 2018).
+
+    Attributes:
+        s_min: Fewest steps to target at infinite batch size.
+        b_noise: Noise scale (samples); the critical batch size B_crit = E_min / S_min equals it.
+        e_min: Fewest samples to target at tiny batch sizes, S_min·B_noise.
+        s_min_se, b_noise_se, e_min_se: Standard errors (from the fit's covariance, delta method for E_min).
+        points: Batch sizes used.
+        constrained: Whether the data pin the parameters down; else ``reason`` says why.
+        reason: Why the fit is flagged, or ``None``.
+    """
+
+    s_min: float
+    b_noise: float
+    e_min: float
+    s_min_se: float
+    b_noise_se: float
+    e_min_se: float
+    points: int
+    constrained: bool
+    reason: str | None = None
+
+    @property
+    def b_crit(self) -> float:
+        """Critical batch size E_min / S_min (samples)."""
+        return self.e_min / self.s_min if self.s_min > 0 else math.nan
+
+
+def fit_steps_model(batch_sizes: Sequence[float], steps: Sequence[float]) -> NoiseScaleFit | None:
+    """Fit S = S_min(1 + B_noise/B) by least squares on log S (relative errors), with scipy.
+
+    Non-finite points (batch sizes where the median seed missed the target) are left out. Returns
+    ``None`` with fewer than two usable points. The fit is flagged unconstrained when fewer than three
+    points, a relative standard error above 50%, or B_noise outside [B_min/4, 4·B_max] (the data then show
+    only one regime).
+    """
+    import numpy as np
+    from scipy.optimize import curve_fit
+
+    b = np.asarray(batch_sizes, dtype=float)
+    s = np.asarray(steps, dtype=float)
+    keep = np.isfinite(s) & (s > 0) & np.isfinite(b) & (b > 0)
+    b, s = b[keep], s[keep]
+    if len(b) < 2:
+        return None
+
+    def model(bb: np.ndarray, log_smin: float, log_bnoise: float) -> np.ndarray:
+        return log_smin + np.log1p(np.exp(log_bnoise) / bb)
+
+    p0 = (math.log(s.min()), math.log(float(np.median(b))))
+    try:
+        (log_smin, log_bn), pcov = curve_fit(model, b, np.log(s), p0=p0, maxfev=20000)
+    except (RuntimeError, ValueError) as e:
+        return NoiseScaleFit(math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, len(b), False,
+                             f"fit failed: {e}")  # fmt: skip
+    s_min, b_noise = math.exp(log_smin), math.exp(log_bn)
+    var = np.diag(pcov) if np.all(np.isfinite(pcov)) else np.array([math.inf, math.inf])
+    # Standard errors of the parameters from those of their logs (delta method): se(x) = x * se(log x).
+    s_min_se = s_min * math.sqrt(var[0])
+    b_noise_se = b_noise * math.sqrt(var[1])
+    e_min = s_min * b_noise
+    cov01 = pcov[0, 1] if np.all(np.isfinite(pcov)) else math.inf
+    e_min_se = e_min * math.sqrt(max(var[0] + var[1] + 2 * cov01, 0.0)) if math.isfinite(cov01) else math.inf
+    reason = None
+    if len(b) < 3:
+        reason = f"only {len(b)} batch sizes reached the target"
+    elif not (math.isfinite(s_min_se) and math.isfinite(b_noise_se)):
+        reason = "the fit's covariance is undefined"
+    elif s_min_se / s_min > 0.5 or b_noise_se / b_noise > 0.5:
+        reason = "parameters uncertain by more than 50%"
+    elif not (b.min() / 4 <= b_noise <= 4 * b.max()):
+        reason = f"B_noise {b_noise:.3g} lies outside the swept batch sizes"
+    return NoiseScaleFit(s_min, b_noise, e_min, s_min_se, b_noise_se, e_min_se, len(b), reason is None, reason)
+
+
+def tradeoff_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Both halves side by side per (workload, device, batch size).
+
+    Wall-clock-to-target is estimated as median steps-to-target × median throughput step time
+    (``wallclock_to_target_s``), which is less noisy than the convergence trials' own training seconds
+    (``time_to_target_s``, also kept). Energy-to-target is samples-to-target × energy per sample where
+    the throughput trials measured energy.
+    """
+    conv = convergence_table(trials)
+    tp = throughput_table(trials)
+    keys = ["workload", "device", "batch_size"]
+    tp_cols = [*keys, "samples_per_s", "step_time_s", "peak_mem_bytes", "status"]
+    if "energy_per_sample_j" in trials.columns:
+        e = trials[(trials["kind"] == "throughput") & (trials["status"] == "ok")]
+        energy = e.groupby(keys)["energy_per_sample_j"].median().rename("energy_per_sample_j").reset_index()
+        tp = tp.merge(energy, on=keys, how="left")
+        tp_cols.append("energy_per_sample_j")
+    merged = conv.merge(tp[tp_cols].rename(columns={"status": "throughput_status"}), on=keys, how="outer")
+    merged = merged.sort_values(keys).reset_index(drop=True)
+    merged["wallclock_to_target_s"] = merged["steps_to_target"] * merged["step_time_s"]
+    if "energy_per_sample_j" in merged.columns:
+        merged["energy_to_target_j"] = merged["samples_to_target"] * merged["energy_per_sample_j"]
+    return merged
+
+
+def pareto_front(table: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """Boolean mask of the rows not dominated in (``x``, ``y``), both minimised; non-finite rows are False."""
+    import numpy as np
+
+    xs = table[x].astype(float).to_numpy()
+    ys = table[y].astype(float).to_numpy()
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    mask = []
+    for i in range(len(xs)):
+        if not ok[i]:
+            mask.append(False)
+            continue
+        dominated = ok & (xs <= xs[i]) & (ys <= ys[i]) & ((xs < xs[i]) | (ys < ys[i]))
+        mask.append(not dominated.any())
+    import pandas as pd
+
+    return pd.Series(mask, index=table.index)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The batch sizes that minimise each cost, for one (workload, device)."""
+
+    workload: str
+    device: str
+    fastest_wallclock: int | None
+    fewest_samples: int | None
+    least_energy: int | None
+    fit: NoiseScaleFit | None
+    lr_rule: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def recommend(trials: pd.DataFrame, lr_rule: str | None = None) -> list[Recommendation]:
+    """Per (workload, device): the batch size with the lowest wall-clock-to-target, the one with the fewest
+    samples-to-target, the one with the least energy-to-target (where measured), and the noise-scale fit."""
+    table = tradeoff_table(trials)
+    out = []
+    for (workload, device), g in table.groupby(["workload", "device"], sort=True):
+
+        def argmin(col: str, g: pd.DataFrame = g) -> int | None:
+            if col not in g.columns:
+                return None
+            v = g[col].astype(float)
+            v = v[np.isfinite(v)]
+            return int(g.loc[v.idxmin(), "batch_size"]) if len(v) else None
+
+        conv = g[np.isfinite(g["steps_to_target"].astype(float))]
+        fit = fit_steps_model(conv["batch_size"], conv["steps_to_target"]) if len(conv) else None
+        warnings = []
+        if lr_rule == "fixed":
+            warnings.append("LR rule 'fixed': one LR at every batch size makes large batches look worse than "
+                            "they are (Shallue et al. 2018); use --lr-rule linear or --tune-lr")  # fmt: skip
+        out.append(Recommendation(workload, device, argmin("wallclock_to_target_s"), argmin("samples_to_target"),
+                                  argmin("energy_to_target_j"), fit, lr_rule, tuple(warnings)))  # fmt: skip
+    return out

@@ -111,40 +111,75 @@ def _build_parser() -> _Parser:
         default="8..1024",
         help="comma list and/or ranges: 8,16,32 or 8..1024 = powers of two (default: 8..1024)",
     )
-    sw.add_argument("--kind", default="throughput", choices=["throughput"], help="trial kind (default: throughput)")
-    sw.add_argument("--seeds", type=_positive(int), default=1, help="seeds per batch size (default: 1)")
+    sw.add_argument(
+        "--kind",
+        default="both",
+        choices=["throughput", "convergence", "both"],
+        help="throughput (speed, memory), convergence (steps/samples/time to target) or both (default: both)",
+    )
+    sw.add_argument("--seeds", type=_positive(int), default=3, help="seeds per batch size (default: 3)")
     sw.add_argument(
         "--repeats",
         type=_positive(int),
-        default=3,
-        help="throughput rounds over all batch sizes, in rotation (default: 3)",
+        default=1,
+        help="throughput rounds over all batch sizes and seeds, in rotation (default: 1)",
     )
-    sw.add_argument(
-        "--lr-rule",
-        default="linear",
-        choices=["fixed", "linear", "sqrt"],
-        help="LR scaling from the workload's base LR (default: linear, capped)",
-    )
-    sw.add_argument(
-        "--min-time",
-        type=_positive(float),
-        default=1.0,
-        help="measured seconds per throughput trial, at least (default: 1.0)",
-    )
-    sw.add_argument(
-        "--min-steps",
-        type=_positive(int),
-        default=20,
-        help="measured steps per throughput trial, at least (default: 20)",
-    )
-    sw.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (default: 5)")
+    sw.add_argument("--fresh", action="store_true", help="start a new run instead of resuming the stored one")
     sw.add_argument(
         "--no-skip-larger",
         dest="skip_larger",
         action="store_false",
         help="after an OOM, still try the larger batch sizes",
     )
-    sw.add_argument("--fresh", action="store_true", help="start a new run instead of resuming the stored one")
+    tg = sw.add_argument_group("throughput trials")
+    tg.add_argument(
+        "--min-time",
+        type=_positive(float),
+        default=1.0,
+        help="measured seconds per throughput trial, at least (default: 1.0)",
+    )
+    tg.add_argument(
+        "--min-steps",
+        type=_positive(int),
+        default=20,
+        help="measured steps per throughput trial, at least (default: 20)",
+    )
+    tg.add_argument("--timing-warmup-steps", type=int, default=5, help="untimed steps first (default: 5)")
+    cg = sw.add_argument_group("convergence trials")
+    cg.add_argument("--target", type=float, help="validation metric to reach (default: the workload's)")
+    cg.add_argument(
+        "--target-patience",
+        type=_positive(int),
+        default=1,
+        help="consecutive evaluations at or above target that count as reaching it (default: 1, first crossing)",
+    )
+    cg.add_argument("--max-steps", type=_positive(int), help="step budget per trial (default: none)")
+    cg.add_argument("--max-epochs", type=_positive(float), default=100.0, help="epoch budget per trial (default: 100)")
+    cg.add_argument(
+        "--max-time", type=_positive(float), default=120.0, help="training seconds per trial (default: 120)"
+    )
+    cg.add_argument(
+        "--eval-every",
+        type=_positive(int),
+        help="evaluate every N steps (default: a schedule keeping the steps-to-target bracket within 5%%)",
+    )
+    cg.add_argument("--continue-after-target", action="store_true", help="train on to the budget for complete curves")
+    cg.add_argument(
+        "--lr-rule",
+        default="linear",
+        choices=["fixed", "linear", "sqrt"],
+        help="LR scaling from the workload's base LR at its base batch size (default: linear, capped)",
+    )
+    cg.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default: 0)")
+    cg.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up epochs (default: 0)")
+    cg.add_argument(
+        "--tune-lr",
+        type=int,
+        default=0,
+        metavar="K",
+        help="try K LRs on a log2 grid around the rule's LR per batch size, keep the best, re-run it on fresh "
+        "seeds (default: 0, no tuning)",
+    )
 
     ex = sub.add_parser(
         "export",
@@ -155,6 +190,15 @@ def _build_parser() -> _Parser:
     ex.add_argument("--format", "-f", default="csv", choices=["csv", "json", "parquet"], help="(default: csv)")
     ex.add_argument("--run", action="append", help="only this run id (repeatable)")
     ex.add_argument("-o", "--output", help="file to write (default: standard output)")
+
+    sm = sub.add_parser(
+        "summary",
+        help="per-batch-size table and recommendations",
+        description="The trade-off table (throughput and time-to-target per batch size), regimes, the "
+        "noise-scale fit and the recommended batch sizes, for the latest run per workload (or --run).",
+    )
+    sm.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
+    sm.add_argument("--run", action="append", help="this run id (repeatable; default: latest run per workload)")
 
     fm = sub.add_parser(
         "find-max-batch",
@@ -194,10 +238,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     if getattr(args, "min_time", None) is not None:
         from bsprof.engine.timing import TimingSettings
 
-        if args.warmup_steps < 0:
-            raise BadInput(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+        if args.timing_warmup_steps < 0:
+            raise BadInput(f"--timing-warmup-steps must be >= 0, got {args.timing_warmup_steps}")
         timing_kwargs["timing"] = TimingSettings(
-            warmup_steps=args.warmup_steps, min_time_s=args.min_time, min_steps=args.min_steps
+            warmup_steps=args.timing_warmup_steps, min_time_s=args.min_time, min_steps=args.min_steps
         )
     return workload, EngineSettings(device=device, amp=args.amp, compile=args.compile, **timing_kwargs)
 
@@ -217,8 +261,30 @@ def cmd_workloads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convergence_settings(args: argparse.Namespace, workload: Any) -> Any:
+    from bsprof.engine.convergence import ConvergenceSettings
+
+    if args.warmup_steps < 0 or args.warmup_epochs < 0:
+        raise BadInput("--warmup-steps and --warmup-epochs must be >= 0")
+    if args.tune_lr < 0 or args.tune_lr == 1:
+        raise BadInput(f"--tune-lr {args.tune_lr}: give 0 (no tuning) or at least 2 learning rates")
+    if args.kind != "throughput" and args.target is None and workload.target is None:
+        raise BadInput(f"workload {workload.name} has no default target: pass --target or use --kind throughput")
+    return ConvergenceSettings(
+        target=args.target,
+        patience=args.target_patience,
+        max_steps=args.max_steps,
+        max_epochs=args.max_epochs,
+        max_time_s=args.max_time,
+        eval_every=args.eval_every,
+        continue_after_target=args.continue_after_target,
+        warmup_steps=args.warmup_steps,
+        warmup_epochs=args.warmup_epochs,
+    )
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from bsprof.console import Progress, print_throughput_summary
+    from bsprof.console import Progress, print_summary
     from bsprof.engine.sweep import SweepConfig, run_sweep
     from bsprof.store import Store
 
@@ -227,11 +293,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = SweepConfig(
         workload_ref=args.workload,
         batch_sizes=batch_sizes,
-        kinds=(args.kind,),
+        kinds=("throughput", "convergence") if args.kind == "both" else (args.kind,),
         seeds=args.seeds,
         repeats=args.repeats,
         lr_rule=args.lr_rule,
+        tune_lr=args.tune_lr,
         skip_larger_after_oom=args.skip_larger,
+        convergence=_convergence_settings(args, workload),
     )
     with Store(_store_path(args), create=True) as store, Progress() as progress:
         try:
@@ -242,7 +310,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return 130
         progress.close()
         log.info("run %s: %d trials run, %d already stored", outcome.run.run_id, len(outcome.results), outcome.skipped)
-        print_throughput_summary(store, outcome.run.run_id)
+        print_summary(store, [outcome.run.run_id])
         errors = [r for r in outcome.results if r.status == "error"]
     if errors:
         print(f"bsprof: {len(errors)} trial(s) failed with an error (first: {errors[0].error})", file=sys.stderr)
@@ -262,6 +330,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     text = write_export(frame, args.format, args.output)
     if text is not None:
         sys.stdout.write(text)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from bsprof.console import print_summary
+    from bsprof.store import Store
+
+    with Store(_store_path(args)) as store:
+        run_ids = args.run or store.latest_run_ids()
+        for r in run_ids:
+            store.run(r)  # raises BadInput for an unknown run
+        if not run_ids:
+            raise BadInput(f"store {store.path} holds no runs yet: run `bsprof sweep` first")
+        print_summary(store, run_ids)
     return 0
 
 
@@ -300,7 +382,13 @@ def cmd_find_max_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"workloads": cmd_workloads, "sweep": cmd_sweep, "export": cmd_export, "find-max-batch": cmd_find_max_batch}
+COMMANDS = {
+    "workloads": cmd_workloads,
+    "sweep": cmd_sweep,
+    "export": cmd_export,
+    "summary": cmd_summary,
+    "find-max-batch": cmd_find_max_batch,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from bsprof.engine.trial import TrialResult, TrialSpec
     from bsprof.store import Store
 
-__all__ = ["Progress", "format_bytes", "print_throughput_summary"]
+__all__ = ["Progress", "format_bytes", "print_summary"]
 
 log = logging.getLogger("bsprof")
 
@@ -86,49 +86,89 @@ class Progress:
         log.info("[%d/%d] %s: %s%s", done, total, _describe(spec), result.status, detail)
 
 
-def print_throughput_summary(store: Store, run_id: str) -> None:
-    """Print the per-batch-size throughput table of one run."""
+def _num(v: Any, fmt: str = "{:,.0f}") -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return ""
+    if math.isnan(f):
+        return ""
+    if math.isinf(f):
+        return "∞"
+    return fmt.format(f)
+
+
+def _ci(row: Any, col: str, fmt: str) -> str:
+    mid = _num(getattr(row, col), fmt)
+    lo, hi = _num(getattr(row, f"{col}_ci_low"), fmt), _num(getattr(row, f"{col}_ci_high"), fmt)
+    return f"{mid} [{lo}–{hi}]" if mid and lo and (lo != mid or hi != mid) else mid
+
+
+def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None:
+    """Print the trade-off table per batch size and the recommendations, for the given runs."""
     from rich.console import Console
     from rich.table import Table
 
-    from bsprof.analysis import throughput_table
+    from bsprof.analysis import recommend, tradeoff_table
     from bsprof.export import trials_frame
 
-    table = throughput_table(trials_frame(store, [run_id]))
-    if table.empty:
-        return
-    t = Table(title=f"throughput — run {run_id}")
-    for name in (
-        "workload",
-        "device",
-        "batch",
-        "samples/s (median)",
-        "p25–p75",
-        "step time",
-        "step IQR",
-        "peak mem",
-        "efficiency",
-        "trials",
-        "status",
-    ):
-        t.add_column(name, justify="left" if name in ("workload", "device", "status") else "right")
-    for r in table.itertuples():
-        sps = "" if math.isnan(r.samples_per_s) else f"{r.samples_per_s:,.0f}"
-        spread = "" if math.isnan(r.samples_per_s_p25) else f"{r.samples_per_s_p25:,.0f}–{r.samples_per_s_p75:,.0f}"
-        st = "" if math.isnan(r.step_time_s) else f"{r.step_time_s * 1e3:.3f} ms"
-        iqr = "" if math.isnan(r.step_time_iqr_s) else f"{r.step_time_iqr_s * 1e3:.3f} ms"
-        eff = "" if r.scaling_efficiency is None or math.isnan(r.scaling_efficiency) else f"{r.scaling_efficiency:.2f}"
-        t.add_row(
-            r.workload,
-            r.device,
-            str(r.batch_size),
-            sps,
-            spread,
-            st,
-            iqr,
-            format_bytes(r.peak_mem_bytes),
-            eff,
-            f"{r.ok}/{r.trials}",
-            r.status,
-        )
-    Console(width=160).print(t)
+    console = Console(width=width)
+    for run_id in run_ids:
+        run = store.run(run_id)
+        trials = trials_frame(store, [run_id])
+        if trials.empty:
+            console.print(f"run {run_id}: no trials stored")
+            continue
+        table = tradeoff_table(trials)
+        t = Table(title=f"{run.workload} — run {run_id} ({run.environment.get('device_name', '')})")
+        heads = ["batch", "samples/s", "step time", "peak mem", "steps→target [95% CI]", "samples→target",
+                 "wall-clock→target", "reached", "E(B)", "regime", "val / train metric", "status"]  # fmt: skip
+        for h in heads:
+            t.add_column(h, justify="left" if h in ("regime", "status") else "right")
+        for r in table.itertuples():
+            reached = "" if math.isnan(float(getattr(r, "reached_fraction", math.nan))) else f"{r.reached}/{r.seeds}"
+            statuses = ", ".join(
+                x
+                for x in (
+                    str(r.throughput_status or "") if hasattr(r, "throughput_status") else "",
+                    str(r.statuses or ""),
+                )
+                if x and x not in ("nan", "None")
+            )
+            metric = (f"{_num(r.final_val_metric, '{:.3f}')} / {_num(r.final_train_metric, '{:.3f}')}"
+                      if _num(r.final_val_metric, "{:.3f}") else "")  # fmt: skip
+            t.add_row(
+                str(r.batch_size),
+                _num(r.samples_per_s),
+                _num(float(r.step_time_s) * 1e3, "{:.3f} ms") if _num(r.step_time_s) else "",
+                format_bytes(None if math.isnan(float(r.peak_mem_bytes)) else float(r.peak_mem_bytes)),
+                _ci(r, "steps_to_target", "{:,.0f}"),
+                _num(r.samples_to_target),
+                _num(r.wallclock_to_target_s, "{:.3f} s"),
+                reached,
+                _num(r.scaling_efficiency, "{:.2f}"),
+                r.regime or "",
+                metric,
+                statuses or "ok",
+            )
+        console.print(t)
+        for rec in recommend(trials, run.config.get("lr_rule")):
+            if rec.fit is not None and math.isfinite(rec.fit.b_noise):
+                f = rec.fit
+                flag = "" if f.constrained else f"  (not constrained: {f.reason})"
+                console.print(
+                    f"fit S = S_min(1 + B_noise/B): S_min = {f.s_min:.3g} ± {f.s_min_se:.2g} steps, "
+                    f"B_noise = B_crit = {f.b_noise:.3g} ± {f.b_noise_se:.2g} samples, "
+                    f"E_min = {f.e_min:.3g} ± {f.e_min_se:.2g} samples{flag}"
+                )
+            parts = []
+            if rec.fastest_wallclock is not None:
+                parts.append(f"fastest wall-clock to target: B={rec.fastest_wallclock}")
+            if rec.fewest_samples is not None:
+                parts.append(f"fewest samples (compute) to target: B={rec.fewest_samples}")
+            if rec.least_energy is not None:
+                parts.append(f"least energy to target: B={rec.least_energy}")
+            if parts:
+                console.print("recommended — " + "; ".join(parts))
+            for w in rec.warnings:
+                console.print(f"[yellow]warning:[/yellow] {w}")

@@ -28,7 +28,7 @@ COLUMNS = (
 """The export contract of DESIGN.md, in order."""
 
 EXTRA_COLUMNS = (
-    "trial_id", "repeat", "device_name", "step_time_iqr_s", "measured_steps", "peak_mem_reserved_bytes",
+    "trial_id", "repeat", "phase", "device_name", "step_time_iqr_s", "measured_steps", "peak_mem_reserved_bytes",
     "error", "empty_reasons", "started_at", "duration_s",
 )  # fmt: skip
 """Further columns bsprof adds after the contract's; later features append their own after these."""

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS trials (
     seed INTEGER NOT NULL,
     lr REAL NOT NULL,
     repeat INTEGER NOT NULL DEFAULT 0,
+    phase TEXT NOT NULL DEFAULT 'main',
     status TEXT NOT NULL,
     device TEXT NOT NULL,
     device_name TEXT,
@@ -135,7 +136,11 @@ class Store:
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._check_or_init(create)
         except sqlite3.DatabaseError as e:
+            self._conn.close()
             raise BadInput(f"{self.path} is not a bsprof store (SQLite said: {e})") from None
+        except BadInput:
+            self._conn.close()
+            raise
 
     def _check_or_init(self, create: bool) -> None:
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -206,6 +211,14 @@ class Store:
         ids = [r[0] for r in self._conn.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]
         return [self.run(i) for i in ids]
 
+    def latest_run_ids(self) -> list[str]:
+        """The most recent run of each workload."""
+        rows = self._conn.execute(
+            "SELECT run_id FROM runs r WHERE created_at ="
+            " (SELECT MAX(created_at) FROM runs WHERE workload = r.workload) ORDER BY workload"
+        )
+        return [r[0] for r in rows]
+
     # trials -------------------------------------------------------------------------------------------
     def finished_keys(self, run_id: str) -> set[tuple[str, int, int, float, int]]:
         """Keys (:meth:`TrialSpec.key`) of the run's trials that need not run again."""
@@ -242,9 +255,9 @@ class Store:
                 (run_id, s.kind, s.batch_size, s.seed, s.lr, s.repeat),
             )
             cur = self._conn.execute(
-                "INSERT INTO trials(run_id, workload, kind, batch_size, seed, lr, repeat, status, device,"
+                "INSERT INTO trials(run_id, workload, kind, batch_size, seed, lr, repeat, phase, status, device,"
                 " device_name, error, started_at, duration_s, metrics_json, reasons_json, step_times_json,"
-                " extra_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                " extra_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(run_id, kind, batch_size, seed, lr, repeat) DO NOTHING",
                 (
                     run_id,
@@ -254,6 +267,7 @@ class Store:
                     s.seed,
                     s.lr,
                     s.repeat,
+                    s.phase,
                     result.status,
                     result.device,
                     result.device_name,
@@ -278,8 +292,8 @@ class Store:
     def trial_rows(self, run_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Every trial (of the given runs, or all) as a flat dict, metrics unpacked; oldest first."""
         sql = (
-            "SELECT id, run_id, workload, kind, batch_size, seed, lr, repeat, status, device, device_name, error,"
-            " started_at, duration_s, metrics_json, reasons_json, step_times_json, extra_json FROM trials"
+            "SELECT id, run_id, workload, kind, batch_size, seed, lr, repeat, phase, status, device, device_name,"
+            " error, started_at, duration_s, metrics_json, reasons_json, step_times_json, extra_json FROM trials"
         )
         params: tuple[Any, ...] = ()
         if run_ids is not None:
@@ -297,17 +311,18 @@ class Store:
                 "seed": r[5],
                 "lr": r[6],
                 "repeat": r[7],
-                "status": r[8],
-                "device": r[9],
-                "device_name": r[10],
-                "error": r[11],
-                "started_at": r[12],
-                "duration_s": r[13],
+                "phase": r[8],
+                "status": r[9],
+                "device": r[10],
+                "device_name": r[11],
+                "error": r[12],
+                "started_at": r[13],
+                "duration_s": r[14],
             }
-            row.update(json.loads(r[14]))
-            row["reasons"] = json.loads(r[15])
-            row["step_times"] = json.loads(r[16]) if r[16] else None
-            row["extra"] = json.loads(r[17])
+            row.update(json.loads(r[15]))
+            row["reasons"] = json.loads(r[16])
+            row["step_times"] = json.loads(r[17]) if r[17] else None
+            row["extra"] = json.loads(r[18])
             out.append(row)
         return out
 

@@ -1,19 +1,28 @@
 """A sweep: the trials of one configuration, planned in rotation, run one by one, stored as they end.
 
-Throughput trials are planned round by round (``repeats`` rounds over all batch sizes and seeds) rather
+Throughput trials are planned round by round (``repeats`` x ``seeds`` rounds over all batch sizes) rather
 than one batch size at a time, so that slow drifts of a shared machine spread over every batch size
-instead of biasing one. Trials already in the store are skipped (resume). After an OOM at batch size B,
-larger batch sizes are recorded ``oom`` without being tried unless ``skip_larger_after_oom`` is off.
+instead of biasing one. Convergence trials follow, one per (batch size, seed) at the LR rule's value, or,
+with ``tune_lr = K``, in two phases (Shallue et al. 2018): *tune* tries K learning rates on a log2 grid
+centred on the rule's value for every batch size and seed, the LR with the lowest median steps-to-target
+is chosen per batch size, and *final* re-runs that LR on fresh seeds (picking the best of K noisy medians
+is optimistic; the fresh seeds give the figures reported).
+
+Trials already in the store are skipped (resume). After an OOM at batch size B, batch sizes >= B are
+recorded ``oom`` without being tried unless ``skip_larger_after_oom`` is off.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bsprof.engine.convergence import ConvergenceSettings, run_convergence_trial
 from bsprof.engine.lr import scaled_lr
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, run_throughput_trial
 from bsprof.environment import collect_environment
@@ -22,9 +31,12 @@ if TYPE_CHECKING:
     from bsprof.store import RunRecord, Store
     from bsprof.workload import Workload
 
-__all__ = ["SweepConfig", "SweepOutcome", "plan_trials", "run_sweep"]
+__all__ = ["FINAL_SEED_OFFSET", "SweepConfig", "SweepOutcome", "lr_grid", "plan_trials", "run_sweep"]
 
 log = logging.getLogger(__name__)
+
+FINAL_SEED_OFFSET = 1000
+"""Seeds of the *final* phase of LR tuning start here, apart from the tuning seeds 0..seeds-1."""
 
 
 @dataclass(frozen=True)
@@ -34,20 +46,24 @@ class SweepConfig:
     Attributes:
         workload_ref: How the workload was named (built-in name or ``module:factory``).
         batch_sizes: Batch sizes to try, ascending (samples).
-        kinds: Trial kinds to run, e.g. ``("throughput",)``.
-        seeds: Seeds 0 .. seeds-1.
-        repeats: Rounds of throughput trials over all batch sizes.
+        kinds: Trial kinds to run: ``throughput`` and/or ``convergence``.
+        seeds: Seeds 0 .. seeds-1 (per batch size, and per LR when tuning).
+        repeats: Rounds of throughput trials over all batch sizes (each round runs every seed).
         lr_rule: LR scaling rule (see :mod:`bsprof.engine.lr`).
-        skip_larger_after_oom: Record batch sizes above an OOM as ``oom`` without trying them.
+        tune_lr: Learning rates tried per batch size (0: no tuning, use the rule's LR).
+        skip_larger_after_oom: Record batch sizes at and above an OOM as ``oom`` without trying them.
+        convergence: Budgets, schedule and target of convergence trials.
     """
 
     workload_ref: str
     batch_sizes: tuple[int, ...]
-    kinds: tuple[str, ...] = ("throughput",)
-    seeds: int = 1
-    repeats: int = 3
+    kinds: tuple[str, ...] = ("throughput", "convergence")
+    seeds: int = 3
+    repeats: int = 1
     lr_rule: str = "linear"
+    tune_lr: int = 0
     skip_larger_after_oom: bool = True
+    convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
 
     def hashed(self, workload: Workload, settings: EngineSettings) -> dict[str, Any]:
         """The part of the configuration that identifies a run (batch sizes, seeds and repeats are left
@@ -55,8 +71,10 @@ class SweepConfig:
         return {
             "workload": workload.config(),
             "workload_ref": self.workload_ref,
-            "kinds": list(self.kinds),
+            "kinds": sorted(self.kinds),
             "lr_rule": self.lr_rule,
+            "tune_lr": self.tune_lr,
+            "convergence": self.convergence.config() if "convergence" in self.kinds else None,
             "engine": settings.config(),
         }
 
@@ -68,20 +86,56 @@ class SweepOutcome:
     run: RunRecord
     results: list[TrialResult] = field(default_factory=list)
     skipped: int = 0
+    chosen_lr: dict[int, float] = field(default_factory=dict)
 
 
-def plan_trials(config: SweepConfig, workload: Workload) -> list[TrialSpec]:
-    """Every trial of the sweep, in the order it runs: rounds, then seeds, then ascending batch size."""
+def lr_grid(center: float, k: int) -> list[float]:
+    """``k`` learning rates on a log2 grid centred on ``center``: center x 2^(i - (k-1)/2)."""
+    return [float(f"{center * 2 ** (i - (k - 1) / 2):.6g}") for i in range(k)]
+
+
+def plan_trials(config: SweepConfig, workload: Workload, phase: str = "main") -> list[TrialSpec]:
+    """The trials of one phase, in the order they run.
+
+    Phases: ``main`` (throughput rounds, then convergence at the rule's LR when not tuning), ``tune``
+    (convergence at every grid LR). The ``final`` phase needs the tuning results: see :func:`run_sweep`.
+    """
     specs = []
-    if "throughput" in config.kinds:
-        for repeat in range(config.repeats):
-            for seed in range(config.seeds):
-                for b in config.batch_sizes:
-                    lr = scaled_lr(workload, b, config.lr_rule)
-                    specs.append(TrialSpec(workload.name, "throughput", b, seed, lr, repeat))
+    rule_lr = {b: scaled_lr(workload, b, config.lr_rule) for b in config.batch_sizes}
+    if phase == "main":
+        if "throughput" in config.kinds:
+            for repeat in range(config.repeats):
+                for seed in range(config.seeds):
+                    for b in config.batch_sizes:
+                        specs.append(TrialSpec(workload.name, "throughput", b, seed, rule_lr[b], repeat))
+        if "convergence" in config.kinds and config.tune_lr <= 0:
+            for b in config.batch_sizes:
+                for seed in range(config.seeds):
+                    specs.append(TrialSpec(workload.name, "convergence", b, seed, rule_lr[b], 0, "main"))
+    elif phase == "tune" and "convergence" in config.kinds and config.tune_lr > 0:
+        for b in config.batch_sizes:
+            for lr in lr_grid(rule_lr[b], config.tune_lr):
+                for seed in range(config.seeds):
+                    specs.append(TrialSpec(workload.name, "convergence", b, seed, lr, 0, "tune"))
     return specs
 
 
+def choose_lr(rows: list[dict[str, Any]], batch_size: int) -> float | None:
+    """The tuning LR with the lowest median steps-to-target at ``batch_size`` (a missed target counts as
+    infinitely many steps); ``None`` when no LR reached the target with a finite median."""
+    by_lr: dict[float, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "convergence" and r.get("phase") == "tune" and r["batch_size"] == batch_size:
+            steps = r.get("steps_to_target") if r["status"] == "ok" else None
+            by_lr.setdefault(r["lr"], []).append(float(steps) if steps is not None else math.inf)
+    medians = {lr: statistics.median(v) for lr, v in by_lr.items() if v}
+    finite = {lr: m for lr, m in medians.items() if math.isfinite(m)}
+    if not finite:
+        return None
+    return min(finite, key=lambda lr: (finite[lr], lr))
+
+
+Runner = Callable[["Workload", TrialSpec, EngineSettings], TrialResult]
 ProgressFn = Callable[[TrialSpec, "TrialResult | None", int, int], None]
 
 
@@ -93,7 +147,8 @@ def run_sweep(
     *,
     fresh: bool = False,
     progress: ProgressFn | None = None,
-    runner: Callable[[Workload, TrialSpec, EngineSettings], TrialResult] = run_throughput_trial,
+    runners: dict[str, Runner] | None = None,
+    prime: bool = True,
 ) -> SweepOutcome:
     """Run the sweep's unfinished trials, storing each when it ends.
 
@@ -104,45 +159,112 @@ def run_sweep(
         store: Where trials go; the run resumes unless ``fresh``.
         fresh: Start a new run even if one with the same configuration exists.
         progress: Called as ``progress(spec, result_or_None, done, total)`` before (``None``) and after each trial.
-        runner: Runs one trial (tests inject fakes).
+        runners: Trial runner per kind (tests inject fakes).
+        prime: Run a few untimed, unstored steps first, so that one-time process costs (lazy library
+            initialisation, first allocations, data loading) do not land on the first trial's time and memory.
 
     Returns:
-        The run and the trials run now.
+        The run, the trials run now, and the LR chosen per batch size when tuning.
     """
+    run_fns: dict[str, Runner] = {
+        "throughput": run_throughput_trial,
+        "convergence": lambda w, s, e: run_convergence_trial(w, s, e, config.convergence),
+    }
+    run_fns.update(runners or {})
     run = store.open_run(
         workload.name, config.hashed(workload, settings), collect_environment(settings.device), fresh=fresh
     )
-    specs = plan_trials(config, workload)
-    done_keys = store.finished_keys(run.run_id)
     outcome = SweepOutcome(run)
-    oom_floor = _stored_oom_floor(store, run.run_id) if config.skip_larger_after_oom else None
-    total = len(specs)
-    for i, spec in enumerate(specs):
-        if spec.key() in done_keys:
-            outcome.skipped += 1
-            continue
-        if progress:
-            progress(spec, None, i, total)
-        if oom_floor is not None and spec.batch_size >= oom_floor:
-            result = TrialResult(
-                spec=spec,
-                status="oom",
-                device=str(settings.device),
-                error=f"not tried: batch size {oom_floor} already ran out of memory (use --no-skip-larger)",
-                started_at=time.time(),
-                extra={"skipped_after_oom": True},
-            )
-        else:
-            result = runner(workload, spec, settings)
-        if result.status == "oom" and config.skip_larger_after_oom:
-            oom_floor = spec.batch_size if oom_floor is None else min(oom_floor, spec.batch_size)
-        store.add_trial(run.run_id, result)
-        outcome.results.append(result)
-        if progress:
-            progress(spec, result, i + 1, total)
+    state = _State(store, run.run_id, config.skip_larger_after_oom)
+    phases = plan_trials(config, workload, "main") + plan_trials(config, workload, "tune")
+    n_final = len(config.batch_sizes) * config.seeds if config.tune_lr > 0 and "convergence" in config.kinds else 0
+    total = len(phases) + n_final
+    done = 0
+    if prime and any(spec.key() not in state.done_keys for spec in phases):
+        _prime(workload, settings, min(config.batch_sizes))
+    for spec in phases:
+        done = _run_one(spec, workload, settings, run_fns, state, outcome, progress, done, total)
+    if n_final:
+        rows = store.trial_rows([run.run_id])
+        for b in config.batch_sizes:
+            lr = choose_lr(rows, b)
+            if lr is None:
+                log.warning("batch size %d: no tuning LR reached the target; no final trials", b)
+                done += config.seeds
+                continue
+            outcome.chosen_lr[b] = lr
+            for seed in range(config.seeds):
+                spec = TrialSpec(workload.name, "convergence", b, FINAL_SEED_OFFSET + seed, lr, 0, "final")
+                done = _run_one(spec, workload, settings, run_fns, state, outcome, progress, done, total)
     return outcome
 
 
-def _stored_oom_floor(store: Store, run_id: str) -> int | None:
-    sizes = [r["batch_size"] for r in store.trial_rows([run_id]) if r["status"] == "oom"]
-    return min(sizes) if sizes else None
+def _prime(workload: Workload, settings: EngineSettings, batch_size: int) -> None:
+    from bsprof.engine.device import synchronizer
+    from bsprof.engine.oom import free_memory, is_oom
+    from bsprof.engine.step import TrainingStep
+
+    try:
+        step = TrainingStep(workload, batch_size=batch_size, seed=0, lr=workload.base_lr, device=settings.device,
+                            amp=settings.amp, compile=settings.compile)  # fmt: skip
+        for _ in range(3):
+            step()
+        synchronizer(settings.device)()
+        workload.val_split()
+        del step
+    except Exception as e:  # noqa: BLE001 - the trials themselves will record the failure
+        log.warning("priming at batch size %d failed (%s); the trials will record it", batch_size,
+                    "out of memory" if is_oom(e) else f"{type(e).__name__}: {e}")  # fmt: skip
+    free_memory(settings.device)
+
+
+@dataclass
+class _State:
+    store: Store
+    run_id: str
+    skip_larger: bool
+    done_keys: set[tuple[str, int, int, float, int]] = field(init=False)
+    oom_floor: int | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.done_keys = self.store.finished_keys(self.run_id)
+        if self.skip_larger:
+            sizes = [r["batch_size"] for r in self.store.trial_rows([self.run_id]) if r["status"] == "oom"]
+            self.oom_floor = min(sizes) if sizes else None
+
+
+def _run_one(
+    spec: TrialSpec,
+    workload: Workload,
+    settings: EngineSettings,
+    runners: dict[str, Runner],
+    state: _State,
+    outcome: SweepOutcome,
+    progress: ProgressFn | None,
+    done: int,
+    total: int,
+) -> int:
+    if spec.key() in state.done_keys:
+        outcome.skipped += 1
+        return done + 1
+    if progress:
+        progress(spec, None, done, total)
+    if state.oom_floor is not None and spec.batch_size >= state.oom_floor:
+        result = TrialResult(
+            spec=spec,
+            status="oom",
+            device=str(settings.device),
+            error=f"not tried: batch size {state.oom_floor} already ran out of memory (use --no-skip-larger)",
+            started_at=time.time(),
+            extra={"skipped_after_oom": True},
+        )
+    else:
+        result = runners[spec.kind](workload, spec, settings)
+    if result.status == "oom" and state.skip_larger:
+        state.oom_floor = spec.batch_size if state.oom_floor is None else min(state.oom_floor, spec.batch_size)
+    state.store.add_trial(state.run_id, result)
+    state.done_keys.add(spec.key())
+    outcome.results.append(result)
+    if progress:
+        progress(spec, result, done + 1, total)
+    return done + 1

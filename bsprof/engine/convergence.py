@@ -1,0 +1,341 @@
+"""Convergence trials: train a fresh model until the validation metric reaches the target.
+
+The trial trains with the one :class:`~bsprof.engine.step.TrainingStep` and evaluates on a schedule of
+bounded *relative* resolution: after every step while fewer than ``1/resolution`` steps have run, then
+at steps growing geometrically by ``1 + resolution`` (default 5%). ``steps_to_target`` is the first
+evaluation at or above the target (with ``patience`` K: the first of K consecutive such evaluations), and
+the bracket — the evaluation before it — is stored, so ``(steps_to_target - bracket) / steps_to_target``
+is at most the resolution. ``--eval-every N`` fixes the period instead.
+
+Clocks: training seconds are measured with the device synchronised before every clock read and exclude
+evaluation, whose seconds are stored separately (``eval_time_s``).
+
+Divergence: the training loss is checked at every evaluation and at least every ``check_every`` steps;
+a non-finite loss, or one above ``explode_factor`` times the first step's loss, ends the trial as
+``diverged`` within a few steps.
+
+At every evaluation the learning curve also records the L2 distance of the weights from their
+initialisation and the norm of the gradient of the training loss on a fixed probe batch (model in eval
+mode, no optimizer step), quantities that differ sharply with batch size (Keskar et al. 2016;
+Hoffer et al. 2017).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bsprof.engine.device import device_name, synchronizer
+from bsprof.engine.step import TrainingStep
+from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, failure_result
+
+if TYPE_CHECKING:
+    from bsprof.workload import Split, Workload
+
+__all__ = ["ConvergenceSettings", "EvalSchedule", "evaluate", "run_convergence_trial"]
+
+
+@dataclass(frozen=True)
+class ConvergenceSettings:
+    """Budgets, evaluation schedule and target of convergence trials.
+
+    Attributes:
+        target: Validation metric to reach; ``None`` takes the workload's default.
+        patience: Consecutive evaluations at or above target that count as reaching it (1 = first crossing).
+        max_steps: Step budget (``None``: no step limit).
+        max_epochs: Budget in passes over the training data (``None``: no limit).
+        max_time_s: Budget in training seconds (``None``: no limit).
+        resolution: Largest relative width of the steps-to-target bracket (0.05 = 5%).
+        eval_every: Fixed evaluation period in steps, overriding ``resolution``.
+        continue_after_target: Train on to the budget for complete learning curves.
+        warmup_steps: Linear LR warm-up length in steps (Goyal et al. 2017).
+        warmup_epochs: Linear LR warm-up length in epochs (converted to steps per batch size).
+        explode_factor: A loss above this multiple of the first step's loss counts as diverged.
+        check_every: Check the loss at least every this many steps.
+        probe_size: Training examples in the fixed batch used for the gradient norm.
+    """
+
+    target: float | None = None
+    patience: int = 1
+    max_steps: int | None = None
+    max_epochs: float | None = 100.0
+    max_time_s: float | None = 120.0
+    resolution: float = 0.05
+    eval_every: int | None = None
+    continue_after_target: bool = False
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    explode_factor: float = 10.0
+    check_every: int = 10
+    probe_size: int = 512
+
+    def config(self) -> dict[str, object]:
+        """The settings that change convergence measurements (part of a run's config hash)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def warmup_for(self, batch_size: int, n_train: int) -> int:
+        """Warm-up steps at ``batch_size`` (the larger of the step and epoch settings)."""
+        from_epochs = math.ceil(self.warmup_epochs * n_train / batch_size) if self.warmup_epochs else 0
+        return max(self.warmup_steps, from_epochs)
+
+
+class EvalSchedule:
+    """Steps after which to evaluate: every step up to ``1/resolution``, then geometric (or fixed period)."""
+
+    def __init__(self, resolution: float = 0.05, every: int | None = None) -> None:
+        if every is not None and every < 1:
+            raise ValueError("eval_every must be >= 1")
+        if not 0 < resolution < 1:
+            raise ValueError("resolution must be in (0, 1)")
+        self.resolution = resolution
+        self.every = every
+
+    def next_after(self, step: int) -> int:
+        """The first evaluation step after ``step``."""
+        if self.every is not None:
+            return step + self.every
+        # Largest s' with (s' - step) / s' <= resolution, i.e. s' <= step / (1 - resolution).
+        return max(step + 1, math.floor(step / (1 - self.resolution)))
+
+
+def evaluate(model: torch.nn.Module, workload: Workload, split: Split) -> float:
+    """The workload's metric over ``split``, averaged over batches weighted by their size (model left in
+    train mode afterwards)."""
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(split), workload.eval_batch_size):
+            x = split.inputs[start : start + workload.eval_batch_size]
+            y = split.targets[start : start + workload.eval_batch_size]
+            total += workload.metric(model(x), y) * len(x)
+    model.train()
+    return total / len(split)
+
+
+def _grad_norm(model: torch.nn.Module, workload: Workload, probe: Split) -> float:
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    workload.loss(model(probe.inputs), probe.targets).backward()
+    sq = sum(float(p.grad.detach().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    return math.sqrt(sq)
+
+
+def _distance(model: torch.nn.Module, init: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        sq = sum(float((p.detach() - p0).pow(2).sum()) for p, p0 in zip(model.parameters(), init))
+    return math.sqrt(sq)
+
+
+def run_convergence_trial(
+    workload: Workload,
+    spec: TrialSpec,
+    settings: EngineSettings,
+    conv: ConvergenceSettings,
+) -> TrialResult:
+    """Train from a fresh seeded model until the target is reached, the budget runs out, or it diverges.
+
+    Returns:
+        A result whose metrics hold ``steps_to_target``, ``samples_to_target``, ``epochs_to_target``,
+        ``time_to_target_s`` (training seconds, evaluation excluded), ``bracket_steps``,
+        ``reached_target``, ``final_train_metric``, ``final_val_metric``, ``eval_time_s``, ``train_time_s``,
+        ``steps_run`` and ``target_fallbacks`` (times the metric fell back below target after reaching it),
+        and the learning curve. Status ``ok`` when the target was reached, else ``budget_exhausted``,
+        ``diverged``, ``oom`` or ``error``.
+    """
+    device = settings.device
+    started = time.time()
+    target = conv.target if conv.target is not None else workload.target
+    if target is None:
+        return TrialResult(
+            spec=spec,
+            status="error",
+            device=str(device),
+            device_name=device_name(device),
+            error=f"workload {workload.name} has no target; pass --target",
+            started_at=started,
+        )
+    try:
+        return _train(workload, spec, settings, conv, target, started)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a stored trial
+        return failure_result(spec, exc, device, started)
+
+
+def _train(
+    workload: Workload,
+    spec: TrialSpec,
+    settings: EngineSettings,
+    conv: ConvergenceSettings,
+    target: float,
+    started: float,
+) -> TrialResult:
+    device = settings.device
+    sync = synchronizer(device)
+    step = TrainingStep(
+        workload,
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+        lr=spec.lr,
+        device=device,
+        amp=settings.amp,
+        compile=settings.compile,
+    )
+    val = workload.val_split().to(device)
+    probe_n = min(conv.probe_size, len(step.train))
+    probe = type(val)(step.train.inputs[:probe_n], step.train.targets[:probe_n])
+    init = [p.detach().clone() for p in step.model.parameters()]
+    n_train = len(step.train)
+    warmup = conv.warmup_for(spec.batch_size, n_train)
+    max_steps = conv.max_steps if conv.max_steps is not None else math.inf
+    if conv.max_epochs is not None:
+        max_steps = min(max_steps, math.ceil(conv.max_epochs * n_train / spec.batch_size))
+    schedule = EvalSchedule(conv.resolution, conv.eval_every)
+
+    curve: list[dict[str, Any]] = []
+    train_s = eval_s = 0.0
+    first_loss: float | None = None
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    streak_start: dict[str, Any] | None = None
+    streak = 0
+    reached: dict[str, Any] | None = None
+    above_before = False
+    fallbacks = 0
+    prev_eval_step = 0
+    status = "budget_exhausted"
+    error = None
+    next_eval = schedule.next_after(0)
+    next_check = conv.check_every
+
+    sync()
+    t = time.perf_counter()
+    while True:
+        s = step.steps_done
+        if warmup and s < warmup:
+            step.set_lr(spec.lr * (s + 1) / warmup)
+        elif warmup and s == warmup:
+            step.set_lr(spec.lr)
+        loss = step()
+        loss_sum += loss.float()
+        loss_count += 1
+        s += 1
+        if first_loss is None:
+            first_loss = float(loss)
+        at_eval = s >= next_eval
+        out_of_budget = s >= max_steps
+        if not (at_eval or out_of_budget or s >= next_check):
+            continue
+        sync()
+        now = time.perf_counter()
+        train_s += now - t
+        next_check = s + conv.check_every
+        mean_loss = float(loss_sum) / loss_count
+        if (
+            not math.isfinite(mean_loss)
+            or not math.isfinite(float(loss))
+            or float(loss) > conv.explode_factor * max(first_loss, 1e-12)
+        ):
+            status, error = "diverged", f"training loss {float(loss):.4g} at step {s} (first step: {first_loss:.4g})"
+            curve.append(
+                {
+                    "step": s,
+                    "samples": step.samples_done,
+                    "epochs": step.batcher.epochs,
+                    "train_s": train_s,
+                    "train_loss": mean_loss if math.isfinite(mean_loss) else None,
+                    "val_metric": None,
+                }
+            )
+            break
+        if at_eval or out_of_budget:
+            e0 = time.perf_counter()
+            metric = evaluate(step.model, workload, val)
+            row = {
+                "step": s,
+                "samples": step.samples_done,
+                "epochs": step.batcher.epochs,
+                "train_s": train_s,
+                "train_loss": mean_loss,
+                "val_metric": metric,
+                "lr": step.optimizer.param_groups[0]["lr"],
+                "weight_distance": _distance(step.model, init),
+                "grad_norm": _grad_norm(step.model, workload, probe),
+                "bracket_step": prev_eval_step,
+            }
+            curve.append(row)
+            loss_sum.zero_()
+            loss_count = 0
+            above = workload.has_reached_target(metric, target)
+            if above_before and not above:
+                fallbacks += 1
+            above_before = above
+            if above:
+                if streak == 0:
+                    streak_start = row
+                streak += 1
+                if reached is None and streak >= conv.patience:
+                    reached = streak_start
+            else:
+                streak = 0
+            prev_eval_step = s
+            next_eval = schedule.next_after(s)
+            eval_s += time.perf_counter() - e0
+        if reached is not None and not conv.continue_after_target:
+            status = "ok"
+            break
+        if out_of_budget or (conv.max_time_s is not None and train_s >= conv.max_time_s):
+            status = "ok" if reached is not None else "budget_exhausted"
+            if status == "budget_exhausted":
+                error = f"target {target} not reached within the budget ({s} steps, {train_s:.1f} s)"
+            break
+        sync()
+        t = time.perf_counter()
+
+    e0 = time.perf_counter()
+    final_train = evaluate(step.model, workload, step.train) if status != "diverged" else None
+    final_val = curve[-1]["val_metric"] if curve and curve[-1]["val_metric"] is not None else None
+    eval_s += time.perf_counter() - e0
+    metrics: dict[str, Any] = {
+        "reached_target": reached is not None,
+        "target": target,
+        "steps_to_target": reached["step"] if reached else None,
+        "samples_to_target": reached["samples"] if reached else None,
+        "epochs_to_target": reached["epochs"] if reached else None,
+        "time_to_target_s": reached["train_s"] if reached else None,
+        "bracket_steps": reached["bracket_step"] if reached else None,
+        "final_train_metric": final_train,
+        "final_val_metric": final_val,
+        "train_time_s": train_s,
+        "eval_time_s": eval_s,
+        "steps_run": step.steps_done,
+        "warmup_steps": warmup,
+        "target_fallbacks": fallbacks,
+        "evaluations": sum(1 for r in curve if r.get("val_metric") is not None),
+    }
+    reasons = (
+        {}
+        if reached
+        else {
+            k: f"target not reached ({status})"
+            for k in ("steps_to_target", "samples_to_target", "epochs_to_target", "time_to_target_s")
+        }
+    )
+    return TrialResult(
+        spec=spec,
+        status=status,
+        device=str(device),
+        device_name=device_name(device),
+        metrics=metrics,
+        reasons=reasons,
+        error=error,
+        started_at=started,
+        duration_s=time.time() - started,
+        curve=curve,
+    )
