@@ -7,6 +7,7 @@ Nothing here measures or formats: it aggregates trials into per-batch-size table
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -288,7 +289,7 @@ def fit_steps_model(batch_sizes: Sequence[float], steps: Sequence[float]) -> Noi
     only one regime).
     """
     import numpy as np
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     b = np.asarray(batch_sizes, dtype=float)
     s = np.asarray(steps, dtype=float)
@@ -302,7 +303,9 @@ def fit_steps_model(batch_sizes: Sequence[float], steps: Sequence[float]) -> Noi
 
     p0 = (math.log(s.min()), math.log(float(np.median(b))))
     try:
-        (log_smin, log_bn), pcov = curve_fit(model, b, np.log(s), p0=p0, maxfev=20000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)  # an undefined covariance is flagged below
+            (log_smin, log_bn), pcov = curve_fit(model, b, np.log(s), p0=p0, maxfev=20000)
     except (RuntimeError, ValueError) as e:
         return NoiseScaleFit(math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, len(b), False,
                              f"fit failed: {e}")  # fmt: skip
