@@ -90,6 +90,24 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
 
 
+def _add_telemetry_options(p: argparse.ArgumentParser, *, profile_flag: bool = True) -> None:
+    tm = p.add_argument_group("telemetry and profiling")
+    tm.add_argument(
+        "--monitor-hz", type=_positive(float), default=20.0, help="telemetry polls per second (default: 20)"
+    )
+    tm.add_argument(
+        "--peak-tflops",
+        type=_positive(float),
+        help="peak TFLOP/s of the device for MFU (default: NVIDIA datasheet table by GPU name and dtype)",
+    )
+    if profile_flag:
+        tm.add_argument(
+            "--profile",
+            action="store_true",
+            help="after timing, a torch.profiler pass per batch size: TensorBoard trace and top operators",
+        )
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(prog="bsprof", description="Batch-size benchmark and profiling for PyTorch training.")
     parser.add_argument("--version", action="version", version=_version())
@@ -145,6 +163,7 @@ def _build_parser() -> _Parser:
         help="measured steps per throughput trial, at least (default: 20)",
     )
     tg.add_argument("--timing-warmup-steps", type=int, default=5, help="untimed steps first (default: 5)")
+    _add_telemetry_options(sw)
     cg = sw.add_argument_group("convergence trials")
     cg.add_argument("--target", type=float, help="validation metric to reach (default: the workload's)")
     cg.add_argument(
@@ -180,6 +199,21 @@ def _build_parser() -> _Parser:
         help="try K LRs on a log2 grid around the rule's LR per batch size, keep the best, re-run it on fresh "
         "seeds (default: 0, no tuning)",
     )
+
+    pf = sub.add_parser(
+        "profile",
+        help="throughput sweep with a torch.profiler pass per batch size",
+        description="A throughput sweep (as `bsprof sweep --kind throughput --profile`): per batch size, a "
+        "TensorBoard trace under <store folder>/traces/<run>/<workload>-B<batch>/ and the top operators.",
+    )
+    _add_engine_options(pf)
+    pf.add_argument("--batch-sizes", "-b", default="8..1024", help="as for sweep (default: 8..1024)")
+    pf.add_argument("--seeds", type=_positive(int), default=1, help="seeds per batch size (default: 1)")
+    pf.add_argument("--repeats", type=_positive(int), default=1, help="throughput rounds (default: 1)")
+    pf.add_argument("--min-time", type=_positive(float), default=1.0, help="measured seconds per trial (default: 1)")
+    pf.add_argument("--min-steps", type=_positive(int), default=20, help="measured steps per trial (default: 20)")
+    pf.add_argument("--fresh", action="store_true", help="start a new run (a resumed, finished run profiles nothing)")
+    _add_telemetry_options(pf, profile_flag=False)
 
     ex = sub.add_parser(
         "export",
@@ -243,7 +277,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         timing_kwargs["timing"] = TimingSettings(
             warmup_steps=args.timing_warmup_steps, min_time_s=args.min_time, min_steps=args.min_steps
         )
-    return workload, EngineSettings(device=device, amp=args.amp, compile=args.compile, **timing_kwargs)
+    engine_kwargs: dict[str, Any] = {
+        k: getattr(args, k) for k in ("monitor_hz", "peak_tflops", "profile") if getattr(args, k, None) is not None
+    }
+    return workload, EngineSettings(device=device, amp=args.amp, compile=args.compile, **timing_kwargs, **engine_kwargs)
 
 
 def _store_path(args: argparse.Namespace) -> Path:
@@ -302,8 +339,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         convergence=_convergence_settings(args, workload),
     )
     with Store(_store_path(args), create=True) as store, Progress() as progress:
+        fresh = args.fresh
+        if settings.profile:
+            settings = _with_trace_dir(settings, store, config, workload, fresh=fresh)
+            fresh = False  # the run was just opened (fresh if asked); run_sweep resumes it
         try:
-            outcome = run_sweep(config, workload, settings, store, fresh=args.fresh, progress=progress.update)
+            outcome = run_sweep(config, workload, settings, store, fresh=fresh, progress=progress.update)
         except KeyboardInterrupt:
             progress.close()
             print("bsprof: interrupted; finished trials are stored, run the same command to resume", file=sys.stderr)
@@ -311,11 +352,50 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         progress.close()
         log.info("run %s: %d trials run, %d already stored", outcome.run.run_id, len(outcome.results), outcome.skipped)
         print_summary(store, [outcome.run.run_id])
+        if settings.profile:
+            _print_profile_note(outcome, settings.trace_dir)
         errors = [r for r in outcome.results if r.status == "error"]
     if errors:
         print(f"bsprof: {len(errors)} trial(s) failed with an error (first: {errors[0].error})", file=sys.stderr)
         return 1
     return 0
+
+
+def _with_trace_dir(settings: Any, store: Any, config: Any, workload: Any, *, fresh: bool) -> Any:
+    """Settings whose ``trace_dir`` is ``<store folder>/traces/<run>``; opens (or resumes) the run to learn its id.
+
+    ``trace_dir`` is not part of the run's config hash, so ``run_sweep`` then resumes this same run.
+    """
+    from dataclasses import replace
+
+    from bsprof.environment import collect_environment
+
+    run = store.open_run(
+        workload.name, config.hashed(workload, settings), collect_environment(settings.device), fresh=fresh
+    )
+    return replace(settings, trace_dir=str(Path(store.path).parent / "traces" / run.run_id))
+
+
+def _print_profile_note(outcome: Any, trace_dir: str) -> None:
+    profiled = sorted({r.spec.batch_size for r in outcome.results if r.extra.get("trace_dir")})
+    failed = [r for r in outcome.results if r.extra.get("profile_error")]
+    root = Path(trace_dir).parent
+    if profiled:
+        sizes = ", ".join(map(str, profiled))
+        print(f"profiler traces for batch sizes {sizes} in {trace_dir}")
+        print(f"view them: tensorboard --logdir {root}   (needs: pip install 'bsprof[tensorboard]'; or Perfetto UI)")
+    else:
+        print("no trial was profiled: every throughput trial of this run was already stored (use --fresh)")
+    if failed:
+        first = failed[0].extra["profile_error"]
+        print(f"bsprof: profiling failed for {len(failed)} trial(s) (first: {first})", file=sys.stderr)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """``bsprof profile``: ``bsprof sweep --kind throughput --profile`` with the options given here."""
+    options = vars(_build_parser().parse_args(["sweep"]))  # every sweep option at its default
+    options.update(vars(args), kind="throughput", profile=True)
+    return cmd_sweep(argparse.Namespace(**options))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -385,6 +465,7 @@ def cmd_find_max_batch(args: argparse.Namespace) -> int:
 COMMANDS = {
     "workloads": cmd_workloads,
     "sweep": cmd_sweep,
+    "profile": cmd_profile,
     "export": cmd_export,
     "summary": cmd_summary,
     "find-max-batch": cmd_find_max_batch,

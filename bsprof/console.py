@@ -147,7 +147,7 @@ def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None
                 _num(r.wallclock_to_target_s, "{:.3f} s"),
                 reached,
                 _num(r.scaling_efficiency, "{:.2f}"),
-                r.regime or "",
+                r.regime if isinstance(r.regime, str) else "",
                 metric,
                 statuses or "ok",
             )

@@ -82,8 +82,12 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         env["device_memory_bytes"] = int(props.total_memory)
         env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-    else:
-        env["gpu_telemetry_reason"] = f"trials run on {device.type}; no GPU telemetry"
+    from bsprof.engine.nvml import gpu_telemetry_reason
+
+    reason = gpu_telemetry_reason(device)
+    env["gpu_telemetry"] = "nvml" if reason is None else None
+    if reason is not None:
+        env["gpu_telemetry_reason"] = reason  # why every GPU field of this run's trials is empty
     if driver_reason:
         env["nvidia_driver_reason"] = driver_reason
     return env

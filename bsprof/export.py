@@ -63,6 +63,8 @@ def trials_frame(store: Store | str | Path, run_ids: Iterable[str] | None = None
         reasons = row.pop("reasons") or {}
         row.pop("step_times", None)
         row.pop("extra", None)
+        if row["status"] != "ok":
+            reasons = {"(all)": f"trial ended {row['status']}", **reasons}
         row["empty_reasons"] = "; ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or None
         records.append(row)
     extra = sorted({k for r in records for k in r} - set(COLUMNS) - set(EXTRA_COLUMNS))

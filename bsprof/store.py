@@ -21,10 +21,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bsprof.engine.trial import TrialResult, TrialSpec
 from bsprof.errors import BadInput
+
+if TYPE_CHECKING:
+    from bsprof.engine.trial import TrialResult, TrialSpec
 
 __all__ = ["DEFAULT_STORE", "SCHEMA_VERSION", "RunRecord", "Store", "config_hash"]
 
@@ -132,6 +134,9 @@ class Store:
             raise BadInput(f"store path is a directory, not a SQLite file: {self.path}")
         try:
             self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        except sqlite3.Error as e:
+            raise BadInput(f"cannot open store {self.path}: {e}") from None
+        try:
             self._conn.execute("PRAGMA busy_timeout = 60000")
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._check_or_init(create)

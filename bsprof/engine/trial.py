@@ -7,16 +7,18 @@ and ``SystemExit`` escape.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bsprof.engine.device import device_name, synchronizer
-from bsprof.engine.monitors import Monitor, NullGpu, Telemetry
+from bsprof.engine.monitors import GpuSampler, Monitor, NullGpu, Telemetry, downsample_rows, measured_gpu_metrics
 from bsprof.engine.oom import free_memory, is_oom
 from bsprof.engine.step import TrainingStep
 from bsprof.engine.timing import StepTimes, TimingSettings, time_steps
@@ -43,6 +45,7 @@ class TrialSpec:
         seed: Seeds model initialisation and batch order.
         lr: Learning rate.
         repeat: Round of a throughput sweep's rotation (0-based); 0 for convergence.
+        phase: ``main``; with LR tuning, ``tune`` or ``final`` (not part of the key: seeds differ).
     """
 
     workload: str
@@ -51,6 +54,7 @@ class TrialSpec:
     seed: int
     lr: float
     repeat: int = 0
+    phase: str = "main"
 
     def key(self) -> tuple[str, int, int, float, int]:
         return (self.kind, self.batch_size, self.seed, round(self.lr, 12), self.repeat)
@@ -67,6 +71,10 @@ class EngineSettings:
         timing: Warm-up and measurement lengths of throughput trials.
         monitor_hz: Telemetry polls per second.
         gpu_sampler_factory: Builds the GPU sampler for the device; ``None`` uses :func:`default_gpu_sampler`.
+        profile: After timing, run a ``torch.profiler`` pass (trace and top operators) on the first round's
+            trials (seed 0, repeat 0); it never touches the timed steps, so it is not part of :meth:`config`.
+        trace_dir: Folder of this run's traces; each batch size writes into ``<trace_dir>/<workload>-B<b>``.
+        peak_tflops: Peak TFLOP/s for MFU, overriding the GPU table (and allowing MFU on the CPU).
     """
 
     device: torch.device
@@ -75,6 +83,9 @@ class EngineSettings:
     timing: TimingSettings = field(default_factory=TimingSettings)
     monitor_hz: float = 20.0
     gpu_sampler_factory: Any = None
+    profile: bool = False
+    trace_dir: str | None = None
+    peak_tflops: float | None = None
 
     def config(self) -> dict[str, object]:
         """The settings that change measurements; part of a run's config hash."""
@@ -87,11 +98,15 @@ class EngineSettings:
         }
 
 
-def default_gpu_sampler(device: torch.device) -> NullGpu:
-    """The GPU sampler for ``device``: a :class:`NullGpu` with its reason where GPU telemetry is impossible."""
+def default_gpu_sampler(device: torch.device) -> GpuSampler:
+    """The GPU sampler for ``device``: NVML for a CUDA device, else (or when NVML fails) a :class:`NullGpu`
+    with its reason."""
     if device.type != "cuda":
         return NullGpu(f"trial ran on {device.type}, not a GPU")
-    return NullGpu("GPU telemetry through NVML is not implemented yet")
+    from bsprof.engine.nvml import open_nvml_gpu, torch_device_uuid
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return open_nvml_gpu(index, uuid=torch_device_uuid(index))
 
 
 @dataclass
@@ -147,10 +162,52 @@ def _memory_metrics(device: torch.device, telemetry: Telemetry | None) -> tuple[
     )
 
 
-def _gpu_metrics(telemetry: Telemetry | None) -> tuple[dict[str, Any], dict[str, str]]:
-    if telemetry is None:
-        return {}, {}
-    return dict(telemetry.gpu), dict(telemetry.reasons)
+def _flops_metrics(
+    workload: Workload, spec: TrialSpec, settings: EngineSettings, step: TrainingStep, times: StepTimes
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """FLOPs of one more step, counted after timing (the timed steps never run under the counter): on the
+    trial's own step, or on a fresh eager step when the model is compiled."""
+    from bsprof.engine.flops import count_flops, flops_metrics
+
+    flops, why = None, None
+    try:
+        counted = step
+        if settings.compile:
+            counted = TrainingStep(
+                workload, batch_size=spec.batch_size, seed=spec.seed, lr=spec.lr, device=settings.device
+            )
+        flops = count_flops(counted)
+    except Exception as e:  # noqa: BLE001 - a failed count leaves the FLOP fields empty, the trial stands
+        why = f"FLOP counting failed: {type(e).__name__}: {e}"[:300]
+        free_memory(settings.device)
+    return flops_metrics(
+        flops,
+        times.median_s,
+        device=settings.device,
+        device_name=device_name(settings.device),
+        amp=settings.amp,
+        peak_tflops=settings.peak_tflops,
+        reason=why,
+    )
+
+
+def _profile(workload: Workload, spec: TrialSpec, settings: EngineSettings, step: TrainingStep) -> dict[str, Any]:
+    """The optional profiler pass, after timing, on the trial's step: trace folder and top operators."""
+    from bsprof.engine.profiling import profile_steps
+
+    folder = Path(settings.trace_dir or "reports/traces/unnamed-run") / f"{workload.name}-B{spec.batch_size}"
+    try:
+        result = profile_steps(step, trace_dir=folder, device=settings.device, sync=synchronizer(settings.device))
+    except Exception as e:  # noqa: BLE001 - profiling is a by-product; its failure must not fail the trial
+        log.warning("profiling B=%d failed: %s", spec.batch_size, e)
+        return {"profile_error": f"{type(e).__name__}: {e}"[:500]}
+    return {
+        "trace_dir": result.trace_dir,
+        "trace_files": result.trace_files,
+        "top_ops": result.top_ops,
+        "top_ops_sort": result.sort_by,
+        "profile_active_steps": result.active_steps,
+    }
 
 
 def failure_result(spec: TrialSpec, exc: BaseException, device: torch.device, started: float) -> TrialResult:
@@ -192,7 +249,8 @@ def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSe
             torch.cuda.reset_peak_memory_stats(device)
         gpu = (settings.gpu_sampler_factory or default_gpu_sampler)(device)
         monitor = Monitor(gpu, hz=settings.monitor_hz)
-        with monitor.window() as window:
+        closing = contextlib.closing(gpu) if hasattr(gpu, "close") else contextlib.nullcontext()
+        with closing, monitor.window() as window:  # the sampler closes after the window's last poll
             step = TrainingStep(
                 workload,
                 batch_size=spec.batch_size,
@@ -214,9 +272,19 @@ def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSe
             "measured_steps": times.measured_steps,
         }
         reasons: dict[str, str] = {}
-        for m, r in (_memory_metrics(device, telemetry), _gpu_metrics(telemetry)):
+        samples = times.measured_steps * spec.batch_size
+        for m, r in (
+            _memory_metrics(device, telemetry),
+            measured_gpu_metrics(telemetry, measured_s=times.measured_s, samples=samples),
+            _flops_metrics(workload, spec, settings, step, times),
+        ):
             metrics.update(m)
             reasons.update(r)
+        extra: dict[str, Any] = {"cpu_pct_mean": telemetry.cpu_pct_mean, "rel_iqr": times.rel_iqr}
+        extra["telemetry"] = downsample_rows(telemetry.series)
+        extra["gpu_sampler"] = type(gpu).__name__ if gpu.reason is None else gpu.reason
+        if settings.profile and spec.repeat == 0 and spec.seed == 0:
+            extra.update(_profile(workload, spec, settings, step))
         return TrialResult(
             spec=spec,
             status="ok",
@@ -227,7 +295,7 @@ def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSe
             step_times=times,
             started_at=started,
             duration_s=time.time() - started,
-            extra={"cpu_pct_mean": telemetry.cpu_pct_mean, "rel_iqr": times.rel_iqr},
+            extra=extra,
         )
     except (KeyboardInterrupt, SystemExit):
         raise

@@ -1,0 +1,466 @@
+"""The report's data: every frame a chart or a sentence of the report needs, read once from a store.
+
+:func:`report_data` reads the chosen runs (by default the latest run per workload), runs the analysis per run
+and labels every row with its run, so that several runs (two devices, AMP on and off...) land side by side
+in the same charts. Frames stay in SI units; :mod:`bsprof.report.charts` scales them for display.
+
+:func:`load_benchmark_json` reads and validates pytest-benchmark ``--benchmark-json`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bsprof.errors import BadInput
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from bsprof.analysis import Recommendation
+    from bsprof.store import Store
+
+__all__ = ["CURVE_POINTS_TOTAL", "ReportData", "RunInfo", "load_benchmark_json", "report_data"]
+
+CURVE_POINTS_TOTAL = 24_000
+"""Learning-curve points kept over all trials (each trial's curve is thinned on a log scale to fit);
+bounds the page's size for big stores."""
+
+CURVE_POINTS_PER_TRIAL = 60
+GPU_COLUMNS = ("gpu_util_pct", "power_w", "energy_per_sample_j")
+_KEYS = ["run", "batch_size"]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run of the report.
+
+    Attributes:
+        run_id: The store's run id.
+        label: Short name shown in legends, unique within the report.
+        workload: Workload name.
+        device: Device string of the run's configuration.
+        created_at: Unix time the run was opened.
+        config: The run's hashed configuration.
+        environment: Versions, device, host, git commit.
+        trials: Number of trials stored.
+    """
+
+    run_id: str
+    label: str
+    workload: str
+    device: str
+    created_at: float
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    trials: int
+
+    @property
+    def lr_rule(self) -> str | None:
+        return self.config.get("lr_rule")
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows, as pandas frames with a ``run`` label column.
+
+    Attributes:
+        runs: The runs, in report order.
+        trials: The export frame (:func:`bsprof.trials_frame`) of those runs, plus ``run``.
+        throughput: :func:`bsprof.analysis.throughput_table` per run.
+        gpu: Median ``gpu_util_pct``, ``power_w``, ``energy_per_sample_j`` per run and batch size (ok
+            throughput trials; NaN where not measured).
+        convergence: :func:`bsprof.analysis.convergence_table` per run.
+        tradeoff: :func:`bsprof.analysis.tradeoff_table` per run, with ``pareto_time_samples`` and
+            ``pareto_time_energy`` flags.
+        fits: One row per run with a noise-scale fit: ``s_min``, ``b_noise``, their standard errors,
+            ``e_min``, ``points``, ``constrained``, ``reason``.
+        recommendations: (run label, :class:`~bsprof.analysis.Recommendation`) per run and device.
+        curves: Learning-curve rows of the reported convergence trials, thinned: ``run, trial_id,
+            batch_size, seed, status, step, samples, train_s, val_metric, train_loss, weight_distance,
+            grad_norm``.
+        final_state: Per run and batch size: median final ``weight_distance`` and ``grad_norm``.
+        lr_tuning: Per run, batch size and LR of ``tune`` trials: ``seeds``, ``reached``,
+            ``steps_to_target`` (median, inf when half the seeds missed) and ``chosen`` (the LR re-run).
+        top_ops: Per run, batch size and operator: ``name``, ``self_s_per_step``, ``share_pct``, ``time``
+            (``device`` or ``cpu``).
+        trace_roots: Folders holding the profiler traces (for ``tensorboard --logdir``).
+        max_batch: ``find-max-batch`` results for the runs' workloads, latest per (workload, device).
+        benchmarks: pytest-benchmark rows (see :func:`load_benchmark_json`), or ``None``.
+        targets: Target metric per run label (from the trials), where known.
+    """
+
+    runs: list[RunInfo]
+    trials: pd.DataFrame
+    throughput: pd.DataFrame
+    gpu: pd.DataFrame
+    convergence: pd.DataFrame
+    tradeoff: pd.DataFrame
+    fits: pd.DataFrame
+    recommendations: list[tuple[str, Recommendation]]
+    curves: pd.DataFrame
+    final_state: pd.DataFrame
+    lr_tuning: pd.DataFrame
+    top_ops: pd.DataFrame
+    trace_roots: list[str]
+    max_batch: pd.DataFrame
+    benchmarks: pd.DataFrame | None = None
+    targets: dict[str, float] = field(default_factory=dict)
+
+
+def _labels(runs: Sequence[Any]) -> list[str]:
+    """Short unique labels: ``workload · device``, then the settings that tell runs apart, then the id."""
+    base = [f"{r.workload} · {r.config.get('engine', {}).get('device', '?')}" for r in runs]
+    out = list(base)
+    for i, r in enumerate(runs):
+        twins = [j for j, b in enumerate(base) if b == base[i]]
+        if len(twins) == 1:
+            continue
+        eng = r.config.get("engine", {})
+        bits = []
+        for key, value in (("amp", eng.get("amp")), ("compile", eng.get("compile"))):
+            if len({str(runs[j].config.get("engine", {}).get(key)) for j in twins}) > 1:
+                bits.append(f"{key} {value}" if key == "amp" else ("compiled" if value else "eager"))
+        if len({str(runs[j].config.get("lr_rule")) for j in twins}) > 1:
+            bits.append(f"LR rule {r.config.get('lr_rule')}")
+        if len({str(runs[j].config.get("tune_lr")) for j in twins}) > 1:
+            bits.append(f"LR tuned x{r.config['tune_lr']}" if r.config.get("tune_lr") else "LR not tuned")
+        out[i] = " · ".join([base[i], *bits])
+    for i, r in enumerate(runs):
+        if out.count(out[i]) > 1:
+            out[i] = f"{out[i]} · {r.run_id[:8]}"
+    return out
+
+
+def _concat(frames: list[pd.DataFrame], columns: Iterable[str] = ()) -> pd.DataFrame:
+    import pandas as pd
+
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["run", *columns])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _thin(n: int, keep: int) -> list[int]:
+    """At most ``keep`` indices of ``range(n)``, log-spaced (curves are read on log axes), first and last kept."""
+    import numpy as np
+
+    if n <= keep:
+        return list(range(n))
+    idx = np.unique(np.round(np.geomspace(1, n, keep)).astype(int) - 1)
+    return sorted({0, n - 1, *idx.tolist()})
+
+
+def _curves(store: Store, conv: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
+    cols = ["step", "samples", "train_s", "val_metric", "train_loss", "weight_distance", "grad_norm"]
+    trials = conv[["run", "trial_id", "batch_size", "seed", "status"]].to_dict("records")
+    per_trial = max(8, min(CURVE_POINTS_PER_TRIAL, CURVE_POINTS_TOTAL // max(1, len(trials))))
+    rows = []
+    for t in trials:
+        curve = [r for r in store.curve(int(t["trial_id"])) if r.get("val_metric") is not None]
+        for i in _thin(len(curve), per_trial):
+            r = curve[i]
+            rows.append({**t, **{c: r.get(c) for c in cols}})
+    frame = pd.DataFrame(rows, columns=["run", "trial_id", "batch_size", "seed", "status", *cols])
+    for c in cols:
+        frame[c] = pd.to_numeric(frame[c], errors="coerce")
+    return frame
+
+
+def _final_state(curves: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
+    if curves.empty:
+        return pd.DataFrame(columns=[*_KEYS, "weight_distance", "grad_norm", "seeds"])
+    last = curves.sort_values("step").groupby("trial_id").tail(1)
+    g = last.groupby(_KEYS)
+    out = g[["weight_distance", "grad_norm"]].median()
+    out["seeds"] = g.size()
+    return out.reset_index()
+
+
+def _lr_tuning(trials: pd.DataFrame) -> pd.DataFrame:
+    import numpy as np
+    import pandas as pd
+
+    cols = [*_KEYS, "lr", "seeds", "reached", "steps_to_target", "chosen"]
+    conv = trials[trials["kind"] == "convergence"]
+    tune = conv[conv["phase"] == "tune"]
+    if tune.empty:
+        return pd.DataFrame(columns=cols)
+    final = conv[conv["phase"] == "final"]
+    chosen = {(r, b, round(float(lr), 12)) for r, b, lr in final[["run", "batch_size", "lr"]].itertuples(index=False)}
+    rows = []
+    for (run, b, lr), g in tune.groupby(["run", "batch_size", "lr"], sort=True):
+        ok = g["status"] == "ok"
+        vals = np.where(ok, pd.to_numeric(g["steps_to_target"], errors="coerce").astype(float), np.inf)
+        vals = np.where(np.isnan(vals), np.inf, vals)
+        rows.append(
+            {
+                "run": run,
+                "batch_size": int(b),
+                "lr": float(lr),
+                "seeds": len(g),
+                "reached": int(ok.sum()),
+                "steps_to_target": float(np.median(vals)),
+                "chosen": (run, int(b), round(float(lr), 12)) in chosen,
+            }
+        )
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _top_ops(rows: list[dict[str, Any]], labels: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """Operator rows from the trials' ``extra["top_ops"]`` (first profiled trial per run and batch size)."""
+    import pandas as pd
+
+    out, roots, seen = [], set(), set()
+    for row in rows:
+        extra = row.get("extra") or {}
+        if extra.get("trace_dir"):
+            roots.add(str(Path(extra["trace_dir"]).parent.parent))
+        ops = extra.get("top_ops")
+        key = (row["run_id"], row["batch_size"])
+        if not ops or not isinstance(ops, list) or key in seen:
+            continue
+        seen.add(key)
+        dev = any(isinstance(o, dict) and o.get("self_device_s_per_step") for o in ops)
+        time_key = "self_device_s_per_step" if dev else "self_cpu_s_per_step"
+        parsed = []
+        for o in ops:
+            if not isinstance(o, dict):
+                continue
+            name = o.get("name") or o.get("op") or o.get("key")
+            t = o.get(time_key, o.get("self_time_s", o.get("self_s")))
+            try:
+                t = float(t)
+            except (TypeError, ValueError):
+                continue
+            if name and math.isfinite(t) and t >= 0:
+                parsed.append((str(name), t))
+        total = sum(t for _, t in parsed) or 1.0
+        for name, t in parsed:
+            out.append(
+                {
+                    "run": labels[row["run_id"]],
+                    "batch_size": int(row["batch_size"]),
+                    "name": name,
+                    "self_s_per_step": t,
+                    "share_pct": 100.0 * t / total,
+                    "time": "device" if dev else "cpu",
+                }
+            )
+    cols = [*_KEYS, "name", "self_s_per_step", "share_pct", "time"]
+    return pd.DataFrame(out, columns=cols), sorted(roots)
+
+
+def _fit_row(label: str, rec: Recommendation) -> dict[str, Any] | None:
+    f = rec.fit
+    if f is None:
+        return None
+    return {
+        "run": label,
+        "s_min": f.s_min,
+        "s_min_se": f.s_min_se,
+        "b_noise": f.b_noise,
+        "b_noise_se": f.b_noise_se,
+        "e_min": f.e_min,
+        "e_min_se": f.e_min_se,
+        "points": f.points,
+        "constrained": f.constrained,
+        "reason": f.reason,
+    }
+
+
+def report_data(
+    store: Store | str | Path,
+    run_ids: Sequence[str] | None = None,
+    benchmark_json: Sequence[str | Path] = (),
+) -> ReportData:
+    """Read the runs of a store and compute every frame of the report.
+
+    Args:
+        store: A :class:`~bsprof.store.Store` or the path of one (a missing or foreign file is
+            :class:`~bsprof.errors.BadInput`).
+        run_ids: Runs to show; default: the latest run per workload.
+        benchmark_json: pytest-benchmark JSON files to include.
+
+    Raises:
+        BadInput: Unknown run, a store with no runs, or a bad benchmark file.
+    """
+    import pandas as pd
+
+    from bsprof import analysis
+    from bsprof.export import trials_frame
+    from bsprof.store import Store
+
+    benchmarks = load_benchmark_json(benchmark_json) if benchmark_json else None
+    owned = not isinstance(store, Store)
+    st = Store(store) if owned else store
+    try:
+        ids = list(dict.fromkeys(run_ids)) if run_ids else st.latest_run_ids()
+        if not ids:
+            raise BadInput(f"store {st.path} holds no runs yet: run `bsprof sweep` first")
+        records = [st.run(r) for r in ids]  # BadInput for an unknown run
+        rows = st.trial_rows(ids)
+        counts = {r: 0 for r in ids}
+        for row in rows:
+            counts[row["run_id"]] += 1
+        label_of = dict(zip(ids, _labels(records), strict=True))
+        runs = [
+            RunInfo(r.run_id, label_of[r.run_id], r.workload, str(r.config.get("engine", {}).get("device", "")),
+                    r.created_at, r.config, r.environment, counts[r.run_id])
+            for r in records
+        ]  # fmt: skip
+        trials = trials_frame(st, ids)
+        trials.insert(0, "run", trials["run_id"].map(label_of))
+        for col in ("epochs_to_target", "target"):  # stored by convergence trials; absent in throughput-only runs
+            if col not in trials.columns:
+                trials[col] = math.nan
+        tp, conv, trade, fits, recs, gpu = [], [], [], [], [], []
+        for run in runs:
+            t = trials[trials["run_id"] == run.run_id]
+            if t.empty:
+                continue
+            tp.append(analysis.throughput_table(t).assign(run=run.label))
+            conv.append(analysis.convergence_table(t).assign(run=run.label))
+            table = analysis.tradeoff_table(t).assign(run=run.label)
+            table["pareto_time_samples"] = analysis.pareto_front(table, "samples_to_target", "wallclock_to_target_s")
+            if "energy_to_target_j" in table.columns:
+                table["pareto_time_energy"] = analysis.pareto_front(table, "energy_to_target_j", "wallclock_to_target_s")
+            trade.append(table)
+            for rec in analysis.recommend(t, run.lr_rule):
+                recs.append((run.label, rec))
+                if (fr := _fit_row(run.label, rec)) is not None:
+                    fits.append(fr)
+            ok_tp = t[(t["kind"] == "throughput") & (t["status"] == "ok")]
+            if not ok_tp.empty:
+                vals = pd.DataFrame(
+                    {c: pd.to_numeric(ok_tp[c], errors="coerce") if c in ok_tp else math.nan for c in GPU_COLUMNS},
+                    index=ok_tp.index,
+                )
+                vals["batch_size"] = ok_tp["batch_size"].astype(int)
+                gpu.append(vals.groupby("batch_size").median().reset_index().assign(run=run.label))
+        conv_frame = _concat(conv)
+        reported = analysis.reported_convergence(trials)
+        curves = _curves(st, reported)
+        top_ops, roots = _top_ops(rows, label_of)
+        max_batch = _max_batch(st.max_batch_results(), {(r.workload, r.device) for r in runs})
+    finally:
+        if owned:
+            st.close()
+    targets = {}
+    if "target" in trials.columns:
+        for label, g in trials[trials["kind"] == "convergence"].groupby("run"):
+            v = pd.to_numeric(g["target"], errors="coerce").dropna()
+            if len(v):
+                targets[str(label)] = float(v.median())
+    return ReportData(
+        runs=runs,
+        trials=trials,
+        throughput=_concat(tp),
+        gpu=_concat(gpu, GPU_COLUMNS),
+        convergence=conv_frame,
+        tradeoff=_concat(trade),
+        fits=pd.DataFrame(fits, columns=["run", "s_min", "s_min_se", "b_noise", "b_noise_se", "e_min", "e_min_se",
+                                         "points", "constrained", "reason"]),  # fmt: skip
+        recommendations=recs,
+        curves=curves,
+        final_state=_final_state(curves),
+        lr_tuning=_lr_tuning(trials),
+        top_ops=top_ops,
+        trace_roots=roots,
+        max_batch=max_batch,
+        benchmarks=benchmarks,
+        targets=targets,
+    )
+
+
+def _max_batch(results: list[dict[str, Any]], wanted: set[tuple[str, str]]) -> pd.DataFrame:
+    import pandas as pd
+
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    workloads = {w for w, _ in wanted}
+    for r in results:  # oldest first: later results replace earlier ones
+        if r["workload"] in workloads:
+            latest[(r["workload"], r["device"])] = r
+    rows = []
+    for (workload, device), r in sorted(latest.items()):
+        tried = [(int(b), str(s)) for b, s in r.get("tried") or []]
+        rows.append(
+            {
+                "workload": workload,
+                "device": device,
+                "max_batch_size": r["max_batch_size"],
+                "first_oom_batch_size": r["first_oom_batch_size"],
+                "largest_tried": max((b for b, _ in tried), default=None),
+                "oom_batch_sizes": sorted(b for b, s in tried if s == "oom"),
+            }
+        )
+    cols = ["workload", "device", "max_batch_size", "first_oom_batch_size", "largest_tried", "oom_batch_sizes"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# --- pytest-benchmark ----------------------------------------------------------------------------------------
+
+_STATS = ("min", "max", "mean", "median", "q1", "q3", "iqr", "stddev", "rounds")
+
+
+def load_benchmark_json(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Rows of pytest-benchmark ``--benchmark-json`` files: one per benchmark.
+
+    Returns:
+        Columns ``file, group, name, fullname, min, max, mean, median, q1, q3, iqr, stddev, rounds``
+        (seconds per round), ``extra_info`` (JSON text), ``machine`` and ``datetime``.
+
+    Raises:
+        BadInput: A file that is missing, not JSON, or not in pytest-benchmark's format.
+    """
+    import pandas as pd
+
+    rows = []
+    for p in paths:
+        path = Path(p)
+        where = f"--benchmark-json {path}"
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BadInput(f"{where}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"{where}: cannot read it ({e})") from None
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
+            raise BadInput(f"{where}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
+        machine = doc.get("machine_info") if isinstance(doc.get("machine_info"), dict) else {}
+        for i, b in enumerate(doc["benchmarks"]):
+            stats = b.get("stats") if isinstance(b, dict) else None
+            if not isinstance(stats, dict) or not isinstance(b.get("name"), str):
+                raise BadInput(f"{where}: benchmark #{i} has no 'name' or no 'stats'")
+            row: dict[str, Any] = {
+                "file": path.name,
+                "group": b.get("group") if isinstance(b.get("group"), str) else None,
+                "name": b["name"],
+                "fullname": b.get("fullname") if isinstance(b.get("fullname"), str) else b["name"],
+            }
+            for key in _STATS:
+                v = stats.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise BadInput(f"{where}: benchmark {b['name']!r}: stats.{key} is not a number")
+                row[key] = float(v) if v is not None else math.nan
+            if math.isnan(row["median"]):
+                raise BadInput(f"{where}: benchmark {b['name']!r} has no stats.median")
+            if math.isnan(row["iqr"]) and not (math.isnan(row["q1"]) or math.isnan(row["q3"])):
+                row["iqr"] = row["q3"] - row["q1"]
+            extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
+            row["extra_info"] = json.dumps(extra, sort_keys=True, default=str) if extra else ""
+            row["machine"] = " ".join(str(machine.get(k, "")) for k in ("node", "processor", "python_version")).strip()
+            row["datetime"] = str(doc.get("datetime", ""))
+            rows.append(row)
+    cols = ["file", "group", "name", "fullname", *_STATS, "extra_info", "machine", "datetime"]
+    return pd.DataFrame(rows, columns=cols)
