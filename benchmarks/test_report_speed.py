@@ -27,8 +27,15 @@ CURVE_POINTS = 100
 
 def _throughput(workload: str, b: int, seed: int, repeat: int, speed: float) -> TrialResult:
     sps = speed * 4000 * b / (1 + b / 200) * (1 + 0.03 * math.sin(seed + repeat))
-    metrics = {"samples_per_s": sps, "step_time_s": b / sps, "step_time_iqr_s": 0.05 * b / sps,
-               "peak_mem_bytes": int(4e7 + 3e6 * b), "gpu_util_pct": None, "power_w": None, "energy_j": None}  # fmt: skip
+    metrics = {
+        "samples_per_s": sps,
+        "step_time_s": b / sps,
+        "step_time_iqr_s": 0.05 * b / sps,
+        "peak_mem_bytes": int(4e7 + 3e6 * b),
+        "gpu_util_pct": None,
+        "power_w": None,
+        "energy_j": None,
+    }
     spec = TrialSpec(workload, "throughput", b, seed, 0.01 * b / 8, repeat=repeat)
     return TrialResult(spec, "ok", "cpu", "bench CPU", metrics, {"gpu_util_pct": "cpu"}, duration_s=1.0)
 
@@ -38,15 +45,31 @@ def _convergence(workload: str, b: int, seed: int, lr_mult: float, phase: str) -
     status = "budget_exhausted" if lr_mult > 1.5 and b >= 512 else "ok"
     last = steps if status == "ok" else 3 * steps
     curve = [
-        {"step": s, "samples": s * b, "train_s": s * b * 2.5e-5, "val_metric": 0.1 + 0.85 * (1 - math.exp(-3 * s / steps)),
-         "train_loss": 2.3 * math.exp(-s / steps), "weight_distance": math.log1p(s), "grad_norm": 1.0, "lr": 0.01}
+        {
+            "step": s,
+            "samples": s * b,
+            "train_s": s * b * 2.5e-5,
+            "val_metric": 0.1 + 0.85 * (1 - math.exp(-3 * s / steps)),
+            "train_loss": 2.3 * math.exp(-s / steps),
+            "weight_distance": math.log1p(s),
+            "grad_norm": 1.0,
+            "lr": 0.01,
+        }
         for s in sorted({max(1, round(last * (i + 1) / CURVE_POINTS)) for i in range(CURVE_POINTS)})
-    ]  # fmt: skip
+    ]
     ok = status == "ok"
-    metrics = {"reached_target": ok, "target": 0.9, "steps_to_target": steps if ok else None,
-               "samples_to_target": steps * b if ok else None, "epochs_to_target": steps * b / 1400 if ok else None,
-               "time_to_target_s": steps * b * 2.5e-5 if ok else None, "bracket_steps": steps - 1 if ok else None,
-               "final_train_metric": 0.93, "final_val_metric": 0.905, "target_fallbacks": 0}  # fmt: skip
+    metrics = {
+        "reached_target": ok,
+        "target": 0.9,
+        "steps_to_target": steps if ok else None,
+        "samples_to_target": steps * b if ok else None,
+        "epochs_to_target": steps * b / 1400 if ok else None,
+        "time_to_target_s": steps * b * 2.5e-5 if ok else None,
+        "bracket_steps": steps - 1 if ok else None,
+        "final_train_metric": 0.93,
+        "final_val_metric": 0.905,
+        "target_fallbacks": 0,
+    }
     spec = TrialSpec(workload, "convergence", b, seed, 0.01 * b / 8 * lr_mult, phase=phase)
     return TrialResult(spec, status, "cpu", "bench CPU", metrics, curve=curve, duration_s=1.0)
 
@@ -58,13 +81,18 @@ def build_store(path: Path) -> int:
     with Store(path, create=True) as st:
         env = {"device": "cpu", "device_name": "bench CPU", "torch_version": "2.13.0"}
         for amp, tune in (("off", True), ("bf16", False)):
-            cfg = {"engine": {"device": "cpu", "amp": amp, "compile": False}, "lr_rule": "linear",
-                   "tune_lr": 3 if tune else 0}  # fmt: skip
+            cfg = {
+                "engine": {"device": "cpu", "amp": amp, "compile": False},
+                "lr_rule": "linear",
+                "tune_lr": 3 if tune else 0,
+            }
             run = st.open_run("bench-workload", cfg, env, fresh=True)
             for b in BATCH_SIZES:
                 for seed in range(SEEDS):
                     for r in range(2):
-                        n += st.add_trial(run.run_id, _throughput("bench-workload", b, seed, r, 1.5 if amp == "bf16" else 1))
+                        n += st.add_trial(
+                            run.run_id, _throughput("bench-workload", b, seed, r, 1.5 if amp == "bf16" else 1)
+                        )
                     if tune:
                         for mult in (0.5, 1.0, 2.0):
                             n += st.add_trial(run.run_id, _convergence("bench-workload", b, seed, mult, "tune"))

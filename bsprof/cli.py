@@ -87,6 +87,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision (default: off)")
     p.add_argument("--compile", action="store_true", help="wrap the model with torch.compile")
+    p.add_argument(
+        "--threads",
+        type=_positive(int),
+        help="torch CPU threads (default: torch's choice; on a shared host fewer threads than cores is steadier)",
+    )
     p.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
 
 
@@ -143,6 +148,10 @@ def _build_parser() -> _Parser:
         help="throughput rounds over all batch sizes and seeds, in rotation (default: 1)",
     )
     sw.add_argument("--fresh", action="store_true", help="start a new run instead of resuming the stored one")
+    sw.add_argument("--report", action="store_true", help="write the HTML report of this run at the end")
+    sw.add_argument(
+        "--report-out", metavar="FILE", help="where --report writes (default: reports/index.html; implies --report)"
+    )
     sw.add_argument(
         "--no-skip-larger",
         dest="skip_larger",
@@ -234,6 +243,23 @@ def _build_parser() -> _Parser:
     sm.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
     sm.add_argument("--run", action="append", help="this run id (repeatable; default: latest run per workload)")
 
+    rp = sub.add_parser(
+        "report",
+        help="self-contained HTML report (charts and tables, works offline)",
+        description="One HTML file with every chart of the compute/accuracy trade-off, for the latest run per "
+        "workload (or --run, repeatable: runs are compared in the same charts). It requests nothing from the network.",
+    )
+    rp.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
+    rp.add_argument("-o", "--output", default=None, help="HTML file to write (default: reports/index.html)")
+    rp.add_argument("--run", action="append", help="this run id (repeatable; default: latest run per workload)")
+    rp.add_argument(
+        "--benchmark-json",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="pytest-benchmark JSON results to include (repeatable)",
+    )
+
     fm = sub.add_parser(
         "find-max-batch",
         help="largest batch size that fits in memory",
@@ -268,6 +294,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         os.environ["BSPROF_CIFAR10_DIR"] = str(args.data_dir)
     workload = load_workload(args.workload)
     device = resolve_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     timing_kwargs = {}
     if getattr(args, "min_time", None) is not None:
         from bsprof.engine.timing import TimingSettings
@@ -355,6 +385,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if settings.profile:
             _print_profile_note(outcome, settings.trace_dir)
         errors = [r for r in outcome.results if r.status == "error"]
+        if args.report or args.report_out:
+            _print_report_info(_write_report(store, args.report_out, [outcome.run.run_id]))
     if errors:
         print(f"bsprof: {len(errors)} trial(s) failed with an error (first: {errors[0].error})", file=sys.stderr)
         return 1
@@ -410,6 +442,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     text = write_export(frame, args.format, args.output)
     if text is not None:
         sys.stdout.write(text)
+    return 0
+
+
+def _write_report(store: Any, out: str | None, run_ids: list[str] | None, benchmark_json: Sequence[str] = ()) -> Any:
+    from bsprof.report import DEFAULT_REPORT, write_report
+
+    return write_report(store, Path(out) if out else DEFAULT_REPORT, run_ids, benchmark_json)
+
+
+def _print_report_info(info: Any) -> None:
+    print(f"report: {info.path} ({info.charts} charts, {info.bytes / 2**20:.1f} MiB, {info.seconds:.1f} s)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``bsprof report``: the HTML report of the latest run per workload (or ``--run``)."""
+    _print_report_info(_write_report(_store_path(args), args.output, args.run, args.benchmark_json))
     return 0
 
 
@@ -469,6 +517,7 @@ COMMANDS = {
     "export": cmd_export,
     "summary": cmd_summary,
     "find-max-batch": cmd_find_max_batch,
+    "report": cmd_report,
 }
 
 

@@ -120,24 +120,19 @@ def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None
             console.print(f"run {run_id}: no trials stored")
             continue
         table = tradeoff_table(trials)
-        t = Table(title=f"{run.workload} — run {run_id} ({run.environment.get('device_name', '')})")
         heads = ["batch", "samples/s", "step time", "peak mem", "steps→target [95% CI]", "samples→target",
                  "wall-clock→target", "reached", "E(B)", "regime", "val / train metric", "status"]  # fmt: skip
-        for h in heads:
-            t.add_column(h, justify="left" if h in ("regime", "status") else "right")
+        rows = []
         for r in table.itertuples():
             reached = "" if math.isnan(float(getattr(r, "reached_fraction", math.nan))) else f"{r.reached}/{r.seeds}"
             statuses = ", ".join(
                 x
-                for x in (
-                    str(r.throughput_status or "") if hasattr(r, "throughput_status") else "",
-                    str(r.statuses or ""),
-                )
-                if x and x not in ("nan", "None")
+                for x in (str(r.throughput_status or ""), str(r.statuses or ""))
+                if x and x not in ("nan", "None", "ok")
             )
             metric = (f"{_num(r.final_val_metric, '{:.3f}')} / {_num(r.final_train_metric, '{:.3f}')}"
                       if _num(r.final_val_metric, "{:.3f}") else "")  # fmt: skip
-            t.add_row(
+            rows.append([
                 str(r.batch_size),
                 _num(r.samples_per_s),
                 _num(float(r.step_time_s) * 1e3, "{:.3f} ms") if _num(r.step_time_s) else "",
@@ -150,7 +145,13 @@ def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None
                 r.regime if isinstance(r.regime, str) else "",
                 metric,
                 statuses or "ok",
-            )
+            ])  # fmt: skip
+        keep = [i for i in range(len(heads)) if i == 0 or any(row[i] for row in rows)]  # drop all-empty columns
+        t = Table(title=f"{run.workload} — run {run_id} ({run.environment.get('device_name', '')})")
+        for i in keep:
+            t.add_column(heads[i], justify="left" if heads[i] in ("regime", "status") else "right")
+        for row in rows:
+            t.add_row(*(row[i] for i in keep))
         console.print(t)
         for rec in recommend(trials, run.config.get("lr_rule")):
             if rec.fit is not None and math.isfinite(rec.fit.b_noise):

@@ -27,13 +27,28 @@ __all__ = ["PageReport", "check_page", "find_chromium"]
 
 LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:")
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
-    "--disable-default-apps", "--disable-domain-reliability", "--no-default-browser-check", "--metrics-recording-only",
-    "--disable-features=Translate,OptimizationHints,MediaRouter,DialMediaRouteProvider", "--no-pings",
-    "--mute-audio", "--hide-scrollbars", "--password-store=basic", "--use-mock-keychain",
-    "--proxy-server=http://127.0.0.1:9", "--remote-debugging-pipe",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--no-default-browser-check",
+    "--metrics-recording-only",
+    "--disable-features=Translate,OptimizationHints,MediaRouter,DialMediaRouteProvider",
+    "--no-pings",
+    "--mute-audio",
+    "--hide-scrollbars",
+    "--password-store=basic",
+    "--use-mock-keychain",
+    "--proxy-server=http://127.0.0.1:9",
+    "--remote-debugging-pipe",
+]
 
 PROBE_JS = r"""
 (() => {
@@ -59,8 +74,13 @@ PROBE_JS = r"""
 
 def find_chromium() -> str | None:
     """Debian's Chromium binary (bypassing the wrapper script), ``$CHROMIUM_BIN``, or one on PATH."""
-    for c in (os.environ.get("CHROMIUM_BIN"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
-              shutil.which("chromium-browser"), shutil.which("google-chrome")):  # fmt: skip
+    for c in (
+        os.environ.get("CHROMIUM_BIN"),
+        "/usr/lib/chromium/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        shutil.which("google-chrome"),
+    ):
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
     return None
@@ -100,12 +120,16 @@ class _Browser:
             os.dup2(a, 3)
             os.dup2(b, 4)
 
-        self._log = open(os.path.join(self.profile, "stderr.log"), "wb")  # noqa: SIM115 - closed in close()
+        self._log = open(os.path.join(self.profile, "stderr.log"), "wb")  # closed in close()
         self.proc = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, close_fds=False,
-            preexec_fn=child_fds, start_new_session=True,
-        )  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            close_fds=False,
+            preexec_fn=child_fds,
+            start_new_session=True,
+        )
         os.close(to_r)
         os.close(from_w)
         self._buf = b""
@@ -139,8 +163,9 @@ class _Browser:
             data = data[os.write(self._to_w, data) :]
         return self._id
 
-    def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
-             timeout: float = 30.0) -> dict[str, Any]:  # fmt: skip
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, session: str | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
         mid = self.send(method, params, session)
         deadline = time.monotonic() + timeout
         while mid not in self._replies:
@@ -177,9 +202,16 @@ class _Browser:
 
 
 def check_page(
-    html: Path, *, expect_charts: int, timeout: float = 30.0, settle: float = 0.8, width: int = 1280,
-    height: int = 900, screenshot: Path | None = None, chromium: str | None = None,
-) -> PageReport:  # fmt: skip
+    html: Path,
+    *,
+    expect_charts: int,
+    timeout: float = 30.0,
+    settle: float = 0.8,
+    width: int = 1280,
+    height: int = 900,
+    screenshot: Path | None = None,
+    chromium: str | None = None,
+) -> PageReport:
     """Load ``html`` offline and wait until ``expect_charts`` charts have rendered and stayed unchanged for
     ``settle`` seconds (or ``timeout``, or an error)."""
     binary = chromium or find_chromium()
@@ -197,7 +229,9 @@ def check_page(
         if m == "Network.requestWillBeSent" and not p["request"]["url"].startswith(LOCAL_SCHEMES):
             rep.external_requests.append(p["request"]["url"])
         elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            rep.console_errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+            rep.console_errors.append(
+                " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            )
         elif m == "Runtime.exceptionThrown":
             d = p["exceptionDetails"]
             rep.console_errors.append(f"{d.get('text', '')} {(d.get('exception') or {}).get('description', '')}")
@@ -216,10 +250,16 @@ def check_page(
         sessions.add(sid)
         for method in ("Page.enable", "Network.enable", "Runtime.enable", "Log.enable"):
             b.call(method, {}, sid)
-        b.call("Network.emulateNetworkConditions",
-               {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1}, sid)  # fmt: skip
-        b.call("Emulation.setDeviceMetricsOverride",
-               {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, sid)  # fmt: skip
+        b.call(
+            "Network.emulateNetworkConditions",
+            {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+            sid,
+        )
+        b.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            sid,
+        )
         t0 = time.monotonic()
         b.call("Page.navigate", {"url": html.resolve().as_uri()}, sid, timeout=timeout)
         last, stable_since, probe = None, time.monotonic(), {}
@@ -243,12 +283,22 @@ def check_page(
             m = b.call("Page.getLayoutMetrics", {}, sid)
             size = m.get("cssContentSize") or m["contentSize"]
             w, h = max(width, int(size["width"] + 0.999)), min(int(size["height"] + 0.999), 16000)
-            b.call("Emulation.setDeviceMetricsOverride", {"width": w, "height": h, "deviceScaleFactor": 1,
-                                                          "mobile": False}, sid)  # fmt: skip
+            b.call(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False},
+                sid,
+            )
             b.wait(0.2)
-            shot = b.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                     "clip": {"x": 0, "y": 0, "width": w, "height": h, "scale": 1}},
-                          sid, timeout=timeout)  # fmt: skip
+            shot = b.call(
+                "Page.captureScreenshot",
+                {
+                    "format": "png",
+                    "captureBeyondViewport": True,
+                    "clip": {"x": 0, "y": 0, "width": w, "height": h, "scale": 1},
+                },
+                sid,
+                timeout=timeout,
+            )
             screenshot.write_bytes(base64.b64decode(shot["data"]))
         b.wait(0.1)
     finally:

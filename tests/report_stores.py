@@ -43,9 +43,17 @@ def config(device: str = "cuda:0", amp: str = "off", lr_rule: str = "linear", tu
 
 
 def throughput_trial(
-    workload: str, b: int, seed: int, *, device: str = "cuda:0", status: str = "ok", gpu: bool = True,
-    speed: float = 1.0, repeat: int = 0, top_ops: bool = False,
-) -> TrialResult:  # fmt: skip
+    workload: str,
+    b: int,
+    seed: int,
+    *,
+    device: str = "cuda:0",
+    status: str = "ok",
+    gpu: bool = True,
+    speed: float = 1.0,
+    repeat: int = 0,
+    top_ops: bool = False,
+) -> TrialResult:
     spec = TrialSpec(workload, "throughput", b, seed, 0.01 * b / 8, repeat=repeat)
     if status != "ok":
         return TrialResult(spec, status, device, error="CUDA out of memory" if status == "oom" else "boom")
@@ -81,9 +89,17 @@ def throughput_trial(
 
 
 def convergence_trial(
-    workload: str, b: int, seed: int, *, lr: float | None = None, phase: str = "main", status: str = "ok",
-    device: str = "cuda:0", curve_points: int = 40, slow: float = 1.0,
-) -> TrialResult:  # fmt: skip
+    workload: str,
+    b: int,
+    seed: int,
+    *,
+    lr: float | None = None,
+    phase: str = "main",
+    status: str = "ok",
+    device: str = "cuda:0",
+    curve_points: int = 40,
+    slow: float = 1.0,
+) -> TrialResult:
     lr = 0.01 * b / 8 if lr is None else lr
     spec = TrialSpec(workload, "convergence", b, seed, lr, phase=phase)
     steps = max(1, round(slow * S_MIN * (1 + B_NOISE / b) * (1 + 0.05 * ((seed * 7) % 5 - 2))))
@@ -94,8 +110,15 @@ def convergence_trial(
     for s in marks:
         val = 0.1 + 0.85 * (1 - math.exp(-3 * s / steps))
         curve.append(
-            {"step": s, "samples": s * b, "train_s": s * b / 40000, "val_metric": val, "train_loss": 2.3 * math.exp(-s / steps),
-             "weight_distance": 3 * math.log1p(s * lr), "grad_norm": 1 / (1 + s / steps)}  # fmt: skip
+            {
+                "step": s,
+                "samples": s * b,
+                "train_s": s * b / 40000,
+                "val_metric": val,
+                "train_loss": 2.3 * math.exp(-s / steps),
+                "weight_distance": 3 * math.log1p(s * lr),
+                "grad_norm": 1 / (1 + s / steps),
+            }
         )
     reached = status == "ok"
     metrics = {
@@ -136,35 +159,80 @@ def make_store(
     """Write one run into the store at ``path`` (created if needed); returns the run id."""
     gpu = device.startswith("cuda")
     with Store(path, create=True) as st:
-        run = st.open_run(workload, {**config(device, amp, lr_rule, 3 if tune else 0), "wl": workload},
-                          environment(device), fresh=True)  # fmt: skip
+        run = st.open_run(
+            workload,
+            {**config(device, amp, lr_rule, 3 if tune else 0), "wl": workload},
+            environment(device),
+            fresh=True,
+        )
         for b in batch_sizes:
             oom = oom_from is not None and b >= oom_from
             for seed in range(seeds):
                 if "throughput" in kinds:
                     for r in range(repeats):
                         status = "oom" if oom else ("error" if failed_only else "ok")
-                        st.add_trial(run.run_id, throughput_trial(workload, b, seed, device=device, status=status,
-                                                                  gpu=gpu, speed=speed, repeat=r,
-                                                                  top_ops=top_ops and seed == 0))  # fmt: skip
+                        st.add_trial(
+                            run.run_id,
+                            throughput_trial(
+                                workload,
+                                b,
+                                seed,
+                                device=device,
+                                status=status,
+                                gpu=gpu,
+                                speed=speed,
+                                repeat=r,
+                                top_ops=top_ops and seed == 0,
+                            ),
+                        )
                 if "convergence" in kinds:
                     if oom:
-                        st.add_trial(run.run_id, TrialResult(TrialSpec(workload, "convergence", b, seed, 0.01), "oom",
-                                                             device, error="CUDA out of memory"))  # fmt: skip
+                        st.add_trial(
+                            run.run_id,
+                            TrialResult(
+                                TrialSpec(workload, "convergence", b, seed, 0.01),
+                                "oom",
+                                device,
+                                error="CUDA out of memory",
+                            ),
+                        )
                         continue
                     status = ("diverged" if seed % 2 else "budget_exhausted") if failed_only else "ok"
                     if tune:
                         for k, mult in enumerate((0.5, 1.0, 2.0)):
-                            st.add_trial(run.run_id, convergence_trial(
-                                workload, b, seed, lr=0.01 * b / 8 * mult, phase="tune", device=device,
-                                slow=(1.6, 1.0, 1.3)[k], status="budget_exhausted" if (k == 2 and b >= 512) else status,
-                                curve_points=curve_points))  # fmt: skip
-                        st.add_trial(run.run_id, convergence_trial(workload, b, 1000 + seed, phase="final",
-                                                                   status=status, device=device,
-                                                                   curve_points=curve_points))  # fmt: skip
+                            st.add_trial(
+                                run.run_id,
+                                convergence_trial(
+                                    workload,
+                                    b,
+                                    seed,
+                                    lr=0.01 * b / 8 * mult,
+                                    phase="tune",
+                                    device=device,
+                                    slow=(1.6, 1.0, 1.3)[k],
+                                    status="budget_exhausted" if (k == 2 and b >= 512) else status,
+                                    curve_points=curve_points,
+                                ),
+                            )
+                        st.add_trial(
+                            run.run_id,
+                            convergence_trial(
+                                workload,
+                                b,
+                                1000 + seed,
+                                phase="final",
+                                status=status,
+                                device=device,
+                                curve_points=curve_points,
+                            ),
+                        )
                     else:
-                        st.add_trial(run.run_id, convergence_trial(workload, b, seed, status=status, device=device,
-                                                                   curve_points=curve_points))  # fmt: skip
+                        st.add_trial(
+                            run.run_id,
+                            convergence_trial(
+                                workload, b, seed, status=status, device=device, curve_points=curve_points
+                            ),
+                        )
         if max_batch:
             tried = [(b, "ok") for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)] + [(2048, "oom"), (1536, "ok")]
             st.add_max_batch(workload, device, {}, environment(device), 1536, 1792, tried)
@@ -181,8 +249,17 @@ def benchmark_json(path: Path) -> Path:
                 "group": None,
                 "name": name,
                 "fullname": f"benchmarks/test_x.py::{name}",
-                "stats": {"min": m, "max": m * 2, "mean": m * 1.2, "median": m * 1.1, "q1": m * 1.05,
-                          "q3": m * 1.3, "iqr": m * 0.25, "stddev": m * 0.1, "rounds": 20},  # fmt: skip
+                "stats": {
+                    "min": m,
+                    "max": m * 2,
+                    "mean": m * 1.2,
+                    "median": m * 1.1,
+                    "q1": m * 1.05,
+                    "q3": m * 1.3,
+                    "iqr": m * 0.25,
+                    "stddev": m * 0.1,
+                    "rounds": 20,
+                },
                 "extra_info": {"batch_size": bs, "samples_per_s": bs / m, "note": "<b>not bold</b>"},
             }
             for name, m, bs in (("test_step[B=8]", 0.001, 8), ("test_step[B=256]", 0.004, 256))

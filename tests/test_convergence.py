@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -32,7 +33,7 @@ def test_eval_schedule_keeps_relative_bracket_within_resolution(resolution):
         s = sched.next_after(s)
         evals.append(s)
     assert evals[: int(1 / resolution)] == list(range(1, int(1 / resolution) + 1))  # every step at first
-    for prev, cur in zip(evals, evals[1:]):
+    for prev, cur in itertools.pairwise(evals):
         assert cur - prev == 1 or (cur - prev) / cur <= resolution + 1e-12  # exact, or within the bound
     assert len(evals) < 20 + math.log(100_000) / math.log(1 / (1 - resolution)) + 5  # geometric, not linear
 

@@ -95,6 +95,7 @@ class EngineSettings:
             "amp": self.amp,
             "compile": self.compile,
             "timing": [t.warmup_steps, t.warmup_s, t.min_time_s, t.min_steps, t.block_min_s, t.min_blocks],
+            "torch_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
         }
 
 

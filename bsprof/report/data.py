@@ -313,10 +313,18 @@ def report_data(
             counts[row["run_id"]] += 1
         label_of = dict(zip(ids, _labels(records), strict=True))
         runs = [
-            RunInfo(r.run_id, label_of[r.run_id], r.workload, str(r.config.get("engine", {}).get("device", "")),
-                    r.created_at, r.config, r.environment, counts[r.run_id])
+            RunInfo(
+                r.run_id,
+                label_of[r.run_id],
+                r.workload,
+                str(r.config.get("engine", {}).get("device", "")),
+                r.created_at,
+                r.config,
+                r.environment,
+                counts[r.run_id],
+            )
             for r in records
-        ]  # fmt: skip
+        ]
         trials = trials_frame(st, ids)
         trials.insert(0, "run", trials["run_id"].map(label_of))
         for col in ("epochs_to_target", "target"):  # stored by convergence trials; absent in throughput-only runs
@@ -332,7 +340,9 @@ def report_data(
             table = analysis.tradeoff_table(t).assign(run=run.label)
             table["pareto_time_samples"] = analysis.pareto_front(table, "samples_to_target", "wallclock_to_target_s")
             if "energy_to_target_j" in table.columns:
-                table["pareto_time_energy"] = analysis.pareto_front(table, "energy_to_target_j", "wallclock_to_target_s")
+                table["pareto_time_energy"] = analysis.pareto_front(
+                    table, "energy_to_target_j", "wallclock_to_target_s"
+                )
             trade.append(table)
             for rec in analysis.recommend(t, run.lr_rule):
                 recs.append((run.label, rec))
@@ -367,8 +377,21 @@ def report_data(
         gpu=_concat(gpu, GPU_COLUMNS),
         convergence=conv_frame,
         tradeoff=_concat(trade),
-        fits=pd.DataFrame(fits, columns=["run", "s_min", "s_min_se", "b_noise", "b_noise_se", "e_min", "e_min_se",
-                                         "points", "constrained", "reason"]),  # fmt: skip
+        fits=pd.DataFrame(
+            fits,
+            columns=[
+                "run",
+                "s_min",
+                "s_min_se",
+                "b_noise",
+                "b_noise_se",
+                "e_min",
+                "e_min_se",
+                "points",
+                "constrained",
+                "reason",
+            ],
+        ),
         recommendations=recs,
         curves=curves,
         final_state=_final_state(curves),

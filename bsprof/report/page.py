@@ -41,8 +41,13 @@ DEFAULT_REPORT = Path("reports") / "index.html"
 
 CONFIG: dict[str, Any] = {
     "font": "Liberation Sans, Helvetica, Arial, sans-serif",
-    "axis": {"labelFontSize": 11, "titleFontSize": 12, "titleFontWeight": "normal", "titleColor": "#222",
-             "gridColor": "#ececec"},  # fmt: skip
+    "axis": {
+        "labelFontSize": 11,
+        "titleFontSize": 12,
+        "titleFontWeight": "normal",
+        "titleColor": "#222",
+        "gridColor": "#ececec",
+    },
     "legend": {"labelFontSize": 11, "titleFontSize": 11, "titleFontWeight": "normal"},
     "title": {"fontSize": 14, "anchor": "start", "subtitleFontSize": 11, "subtitleColor": "#555", "offset": 8},
     "header": {"labelFontSize": 12},
@@ -124,12 +129,27 @@ def _clean(value: Any) -> Any:
     return value
 
 
-PALETTE = ("#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d",
-           "#bab0ac")  # fmt: skip
+PALETTE = ("#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d", "#bab0ac")
 """Run colours (Tableau 10), assigned in the report's run order so a run has one colour in every chart."""
 
 
-def _pin_runs(node: Any, runs: list[str]) -> None:
+def _runs_in(node: Any, found: set[str] | None = None) -> set[str]:
+    """Run labels appearing in the spec's data (records with a ``run`` key)."""
+    found = set() if found is None else found
+    if isinstance(node, dict):
+        if isinstance(node.get("run"), str):
+            found.add(node["run"])
+        for v in node.values():
+            if isinstance(v, (dict, list)):
+                _runs_in(v, found)
+    elif isinstance(node, list):
+        for v in node:
+            if isinstance(v, (dict, list)):
+                _runs_in(v, found)
+    return found
+
+
+def _pin_runs(node: Any, runs: list[str], colors: list[str]) -> None:
     """Give every ``run`` colour (and dash) scale the same domain and colours, in every (nested) view."""
     if isinstance(node, dict):
         enc = node.get("encoding")
@@ -139,14 +159,14 @@ def _pin_runs(node: Any, runs: list[str]) -> None:
                 if isinstance(e, dict) and e.get("field") == "run":
                     scale = {"domain": runs}
                     if channel != "strokeDash":
-                        scale["range"] = [PALETTE[i % len(PALETTE)] for i in range(len(runs))]
+                        scale["range"] = colors
                     e["scale"] = scale
         for v in node.values():
             if isinstance(v, (dict, list)):
-                _pin_runs(v, runs)
+                _pin_runs(v, runs, colors)
     elif isinstance(node, list):
         for v in node:
-            _pin_runs(v, runs)
+            _pin_runs(v, runs, colors)
 
 
 def to_spec(chart: Any, runs: Sequence[str] = ()) -> dict[str, Any]:
@@ -162,7 +182,10 @@ def to_spec(chart: Any, runs: Sequence[str] = ()) -> dict[str, Any]:
         spec = chart.to_dict(validate=False)
     spec.pop("$schema", None)
     if runs:
-        _pin_runs({k: v for k, v in spec.items() if k != "datasets"}, list(runs))
+        present = _runs_in(spec)
+        shown = [r for r in runs if r in present] or list(runs)
+        colors = [PALETTE[list(runs).index(r) % len(PALETTE)] for r in shown]
+        _pin_runs({k: v for k, v in spec.items() if k != "datasets"}, shown, colors)
     spec["config"] = {**CONFIG, **spec.get("config", {})}
     spec.setdefault("padding", 8)
     spec.setdefault("autosize", {"type": "pad"})
@@ -230,7 +253,7 @@ def _inline_code(text: str) -> Any:
 
     from markupsafe import Markup, escape
 
-    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+    return Markup(re.sub(r"`([^`]+)`", lambda m: f"<code>{m.group(1).strip()}</code>", str(escape(text))))
 
 
 def write_report(

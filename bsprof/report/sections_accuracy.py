@@ -1,0 +1,288 @@
+"""The optimization-side sections of the report: steps, samples and time to target, learning curves,
+generalization, LR sensitivity."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bsprof.report import charts
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from bsprof.report.data import ReportData
+
+from bsprof.report.text import (
+    Section,
+    _by_run,
+    _f,
+    _finite_mask,
+    _g,
+    _pm,
+    _prefix,
+    _ratio,
+    _seconds,
+    _sizes,
+)
+
+__all__ = ["curves_section", "generalization_section", "lr_section", "steps_section", "to_target_section"]
+
+
+def _regime_text(g: pd.DataFrame) -> str:
+    runs: list[tuple[str, list[int]]] = []
+    for b, reg in zip(g["batch_size"], g["regime"], strict=False):
+        if not isinstance(reg, str):
+            continue
+        if runs and runs[-1][0] == reg:
+            runs[-1][1].append(int(b))
+        else:
+            runs.append((reg, [int(b)]))
+    parts = []
+    for reg, bs in runs:
+        parts.append(f"{reg} at B={bs[0]}" if len(bs) == 1 else f"{reg} for B={bs[0]}–{bs[-1]}")
+    return ", ".join(parts)
+
+
+def _no_convergence(d: ReportData, s: Section, store_hint: str) -> bool:
+    conv = d.trials[d.trials["kind"] == "convergence"]
+    if conv.empty:
+        s.notes.append(
+            f"No convergence trials in these runs: run `bsprof sweep --kind convergence {store_hint}` "
+            "(or `--kind both`) to measure steps, samples and time to the target."
+        )
+        return True
+    return False
+
+
+def steps_section(d: ReportData, store_hint: str) -> Section:
+    """Section 5: steps to target, the regimes and the noise-scale fit."""
+    s = Section("steps", "5. Steps to target and the critical batch size")
+    if _no_convergence(d, s, store_hint):
+        return s
+    c = d.convergence
+    many = len(d.runs) > 1
+    for run, g in _by_run(c, d):
+        g = g.sort_values("batch_size")
+        fin = g[_finite_mask(g, "steps_to_target")]
+        missed = g[~_finite_mask(g, "steps_to_target")]
+        if fin.empty:
+            s.sentences.append(
+                f"{_prefix(run, many)}No batch size reached the target on the median seed "
+                f"({_statuses(g)}); raise `--max-epochs`/`--max-time` or lower `--target`."
+            )
+            continue
+        a, z = fin.iloc[0], fin.iloc[-1]
+        text = f"{_prefix(run, many)}Steps to target fall from {_f(a['steps_to_target'])} at B={int(a['batch_size'])}"
+        if len(fin) > 1:
+            text += (
+                f" to {_f(z['steps_to_target'])} at B={int(z['batch_size'])}: "
+                f"{_ratio(a['steps_to_target'], z['steps_to_target'])} fewer steps for "
+                f"{_ratio(z['batch_size'], a['batch_size'])} the batch"
+            )
+        reg = _regime_text(g)
+        if reg:
+            text += f"; {reg}"
+        s.sentences.append(text + ".")
+        fit = d.fits[d.fits["run"] == run]
+        if len(fit):
+            f = fit.iloc[0]
+            if bool(f["constrained"]):
+                s.sentences.append(
+                    f"{_prefix(run, many)}Fit S = S_min(1 + B_noise/B): S_min = {_pm(f['s_min'], f['s_min_se'])} "
+                    f"steps, B_noise = B_crit = {_pm(f['b_noise'], f['b_noise_se'])} samples, "
+                    f"E_min = {_g(f['e_min'])} samples (McCandlish et al. 2018)."
+                )
+            else:
+                s.sentences.append(
+                    f"{_prefix(run, many)}The noise-scale fit is not constrained ({f['reason']}), so "
+                    "no fitted curve is drawn; the regimes come from measured slopes."
+                )
+        if len(missed):
+            s.sentences.append(
+                f"{_prefix(run, many)}B={_sizes(missed['batch_size'])}: the median seed missed the target "
+                f"({_statuses(missed)})."
+            )
+    rules = {r.label: r.lr_rule for r in d.runs}
+    if any(v == "fixed" for v in rules.values()):
+        s.notes.append(
+            "LR rule 'fixed': one learning rate at every batch size makes large batches look worse than "
+            "they are (Shallue et al. 2018); re-run with `--lr-rule linear` or `--tune-lr 3`."
+        )
+    s.chart("steps", lambda: charts.steps_to_target_chart(c, d.fits))
+    return s
+
+
+def _statuses(g: pd.DataFrame) -> str:
+    text = "; ".join(x for x in g.get("statuses", []) if isinstance(x, str) and x)
+    return text or "no seed reached it"
+
+
+def to_target_section(d: ReportData, store_hint: str) -> Section:
+    """Section 6: samples and wall-clock to target, and the Pareto frontier."""
+    s = Section("to-target", "6. Samples and wall-clock to target; Pareto frontier")
+    if _no_convergence(d, s, store_hint):
+        return s
+    t = d.tradeoff
+    many = len(d.runs) > 1
+    for run, g in _by_run(t, d):
+        g = g.sort_values("batch_size")
+        sm = g[_finite_mask(g, "samples_to_target")]
+        if len(sm) >= 2:
+            a, z = sm.iloc[0], sm.iloc[-1]
+            s.sentences.append(
+                f"{_prefix(run, many)}Samples to target grow from {_f(a['samples_to_target'])} "
+                f"at B={int(a['batch_size'])} "
+                f"to {_f(z['samples_to_target'])} at B={int(z['batch_size'])} "
+                f"({_ratio(z['samples_to_target'], a['samples_to_target'])}): bigger batches cost more compute."
+            )
+        w = g[_finite_mask(g, "wallclock_to_target_s")]
+        if len(w):
+            best = w.loc[w["wallclock_to_target_s"].astype(float).idxmin()]
+            text = (
+                f"{_prefix(run, many)}Wall-clock to target is lowest at B={int(best['batch_size'])} "
+                f"({_seconds(best['wallclock_to_target_s'])})"
+            )
+            first = w.iloc[0]
+            if int(first["batch_size"]) != int(best["batch_size"]):
+                text += (
+                    f", {_ratio(first['wallclock_to_target_s'], best['wallclock_to_target_s'])} faster than at "
+                    f"B={int(first['batch_size'])}"
+                )
+            front = g[g.get("pareto_time_samples", False) == True]["batch_size"]  # noqa: E712
+            if len(front):
+                text += (
+                    f". The Pareto frontier of time vs samples holds B={_sizes(sorted(front))}; any other batch "
+                    "size is both slower and needs more samples than one of these"
+                )
+            s.sentences.append(text + ".")
+        elif len(sm):
+            s.sentences.append(
+                f"{_prefix(run, many)}No wall-clock to target: no throughput trial measured the step "
+                f"time (run `bsprof sweep --kind throughput {store_hint}`)."
+            )
+    s.chart("to-target", lambda: charts.to_target_chart(t))
+    if len(t) and _finite_mask(t, "wallclock_to_target_s").any():
+        s.chart("pareto", lambda: charts.pareto_chart(t))
+    if "energy_to_target_j" not in t.columns or not _finite_mask(t, "energy_to_target_j").any():
+        s.notes.append(
+            "Energy to target is not measured (it needs GPU energy readings), so there is no time-vs-energy frontier."
+        )
+    return s
+
+
+def curves_section(d: ReportData, store_hint: str) -> Section:
+    """Section 7: learning curves per batch size."""
+    s = Section("curves", "7. Learning curves")
+    if _no_convergence(d, s, store_hint):
+        return s
+    cv = d.curves
+    if cv.empty:
+        s.notes.append("No learning-curve points were stored for these convergence trials.")
+        return s
+    n_trials, n_b = cv["trial_id"].nunique(), cv["batch_size"].nunique()
+    text = f"{n_trials} learning curves over {n_b} batch sizes"
+    c = d.convergence[_finite_mask(d.convergence, "steps_to_target")] if len(d.convergence) else d.convergence
+    if len(c) >= 2 and len(d.runs) == 1:
+        a, z = c.sort_values("batch_size").iloc[0], c.sort_values("batch_size").iloc[-1]
+        text += (
+            f": B={int(a['batch_size'])} reaches the target after {_f(a['steps_to_target'])} steps "
+            f"({_f(a['samples_to_target'])} samples), B={int(z['batch_size'])} after {_f(z['steps_to_target'])} "
+            f"steps ({_f(z['samples_to_target'])} samples)"
+        )
+    s.sentences.append(
+        text + ". Click a batch size in the legend to pick it (shift-click for more, double-click to reset)."
+    )
+    if len(cv) and cv.groupby("trial_id").size().max() >= 60:
+        s.notes.append("Long curves are thinned to log-spaced points to keep the page small.")
+    s.chart("curves", lambda: charts.learning_curves_chart(cv, d.targets))
+    return s
+
+
+def generalization_section(d: ReportData, store_hint: str) -> Section:
+    """Section 8: generalization gap and distance from initialization."""
+    s = Section("generalization", "8. Generalization gap and distance from initialization")
+    if _no_convergence(d, s, store_hint):
+        return s
+    c = d.convergence
+    many = len(d.runs) > 1
+    for run, g in _by_run(c, d):
+        gap = (g["final_train_metric"] - g["final_val_metric"]).astype(float)
+        ok = g[np.isfinite(gap)].assign(gap=gap[np.isfinite(gap)])
+        if len(ok) >= 2:
+            lo, hi = ok.loc[ok["gap"].idxmin()], ok.loc[ok["gap"].idxmax()]
+            rho = ok["batch_size"].astype(float).corr(ok["gap"], method="spearman") if ok["gap"].nunique() > 1 else 0.0
+            trend = (
+                "grows with the batch size"
+                if rho > 0.5
+                else "shrinks with the batch size"
+                if rho < -0.5
+                else "shows no clear trend with the batch size"
+            )
+            s.sentences.append(
+                f"{_prefix(run, many)}The gap between final train and validation metric ranges from {lo['gap']:.3f} "
+                f"(B={int(lo['batch_size'])}) to {hi['gap']:.3f} (B={int(hi['batch_size'])}) and {trend} "
+                f"(Spearman ρ = {rho:.2f}; Keskar et al. 2016 report larger gaps for large batches)."
+            )
+    fs = d.final_state
+    for run, g in _by_run(fs, d):
+        g = g[_finite_mask(g, "weight_distance")].sort_values("batch_size")
+        if len(g) >= 2:
+            a, z = g.iloc[0], g.iloc[-1]
+            s.sentences.append(
+                f"{_prefix(run, many)}At the end of training the weights are {_g(a['weight_distance'])} from their "
+                f"initialization at B={int(a['batch_size'])} and {_g(z['weight_distance'])} "
+                f"at B={int(z['batch_size'])} "
+                "(L2 norm, median over seeds)."
+            )
+    s.sentences.append(
+        "Convergence trials stop at the target unless `--continue-after-target`, so these are the "
+        "metrics at (about) the target."
+    )
+    s.chart("generalization", lambda: charts.generalization_chart(c, fs))
+    return s
+
+
+def lr_section(d: ReportData, store_hint: str) -> Section:
+    """Section 9: LR sensitivity of the tuning trials."""
+    s = Section("lr", "9. Learning-rate sensitivity")
+    t = d.lr_tuning
+    warn = [r.label for r in d.runs if r.lr_rule == "fixed"]
+    if warn:
+        s.notes.append(
+            f"Warning: {', '.join(warn)} used LR rule 'fixed' — one learning rate at every batch size "
+            "makes large batches look worse than they are (Shallue et al. 2018)."
+        )
+    if t.empty:
+        s.notes.append(
+            f"No LR tuning in these runs: `bsprof sweep --tune-lr 3 {store_hint}` tries 3 learning rates "
+            "per batch size on a log₂ grid, keeps the best and re-runs it on fresh seeds."
+        )
+        return s
+    many = len(d.runs) > 1
+    for run, g in _by_run(t, d):
+        best = []
+        edge = []
+        for b, gb in g.groupby("batch_size"):
+            fin = gb[_finite_mask(gb, "steps_to_target")]
+            if fin.empty:
+                continue
+            i = fin["steps_to_target"].astype(float).idxmin()
+            best.append((int(b), float(fin.loc[i, "lr"])))
+            lrs = sorted(gb["lr"].astype(float))
+            if float(fin.loc[i, "lr"]) in (lrs[0], lrs[-1]) and len(lrs) > 2:
+                edge.append(int(b))
+        if best:
+            text = (
+                f"{_prefix(run, many)}The best learning rate goes from {_g(best[0][1])} at B={best[0][0]} to "
+                f"{_g(best[-1][1])} at B={best[-1][0]}"
+            )
+            if edge:
+                text += (
+                    f"; at B={_sizes(edge)} it lies on the edge of the grid, so a better LR may lie outside it "
+                    "(a larger `--tune-lr`)"
+                )
+            s.sentences.append(text + ".")
+    s.chart("lr", lambda: charts.lr_sensitivity_chart(t))
+    return s
