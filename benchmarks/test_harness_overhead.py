@@ -12,11 +12,13 @@ engine's blocks, and the loop reports the median chunk, so that both sides repor
 The bsprof side is the whole harness as users run it: :func:`~bsprof.engine.trial.run_throughput_trial`
 with a fresh workload, warm-up, the one timer and the 20 Hz telemetry thread.
 
-Per batch size, the two sides alternate for ``ROUNDS`` rounds of ~0.5 s each (the order flips every
-round, so that drifts of a shared machine hit both); ``ratio = median(bsprof) / median(hand)`` must be
-within ``TOLERANCE`` of 1. Batch 8 (a step of ~0.2 ms) exposes per-step bookkeeping, batch 256 the
-steady state. ``extra_info`` records both medians, the ratio, the median of the per-round paired ratios
-and every round's figures.
+Per batch size, the two sides alternate for ``ROUNDS`` rounds of ~0.3 s each, the order flipping every
+round. The verdict, ``ratio``, is the median over rounds of bsprof / hand within a round, which must be
+within ``TOLERANCE`` of 1: a shared host drifts between load regimes within a run, and the two halves of a
+round see the same regime, whereas ``median(bsprof) / median(hand)`` (``ratio_of_medians``, also recorded)
+can pick its two medians from different regimes and swing by ±10%. Batch 8 (a step of ~0.2 ms) exposes
+per-step bookkeeping, batch 256 the steady state. ``extra_info`` also records both medians and every
+round's figures.
 
 torch runs on one thread here (restored afterwards): on a small shared host, OpenMP workers that spin
 while another process holds a core swing step times by far more than 3%, for both sides alike.
@@ -40,8 +42,8 @@ from bsprof.engine.timing import TimingSettings
 from bsprof.engine.trial import EngineSettings, TrialSpec, run_throughput_trial
 from bsprof.workloads.digits import DigitsMLP, digits_splits
 
-ROUNDS = 9
-SIDE_S = 0.5
+ROUNDS = 15
+SIDE_S = 0.3
 CHUNK_S = 0.02
 MIN_CHUNKS = 7
 WARMUP_STEPS = 20
@@ -128,8 +130,8 @@ def _compare(batch_size: int) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "hand_samples_per_s": hand_median,
         "bsprof_samples_per_s": ours_median,
-        "ratio": ours_median / hand_median,
-        "paired_ratio_median": statistics.median(o / h for o, h in zip(ours, hand)),
+        "ratio": statistics.median(o / h for o, h in zip(ours, hand)),
+        "ratio_of_medians": ours_median / hand_median,
         "tolerance": TOLERANCE,
         "hand_round_samples_per_s": hand,
         "bsprof_round_samples_per_s": ours,
@@ -152,5 +154,6 @@ def test_harness_overhead(benchmark: Any, torch_threads: int, batch_size: int) -
     benchmark.extra_info.update(out)
     assert abs(out["ratio"] - 1) <= TOLERANCE, (
         f"bsprof {out['bsprof_samples_per_s']:.0f} samples/s vs hand loop {out['hand_samples_per_s']:.0f} "
-        f"(ratio {out['ratio']:.4f}, paired {out['paired_ratio_median']:.4f}; tolerance {TOLERANCE})"
+        f"(median per-round ratio {out['ratio']:.4f}, ratio of medians {out['ratio_of_medians']:.4f}; "
+        f"tolerance {TOLERANCE})"
     )

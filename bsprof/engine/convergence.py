@@ -178,15 +178,7 @@ def _train(
 ) -> TrialResult:
     device = settings.device
     sync = synchronizer(device)
-    step = TrainingStep(
-        workload,
-        batch_size=spec.batch_size,
-        seed=spec.seed,
-        lr=spec.lr,
-        device=device,
-        amp=settings.amp,
-        compile=settings.compile,
-    )
+    step = TrainingStep.for_trial(workload, spec, settings)
     val = workload.val_split().to(device)
     probe_n = min(conv.probe_size, len(step.train))
     probe = type(val)(step.train.inputs[:probe_n], step.train.targets[:probe_n])

@@ -200,22 +200,16 @@ def run_sweep(
 
 
 def _prime(workload: Workload, settings: EngineSettings, batch_size: int) -> None:
-    from bsprof.engine.device import synchronizer
-    from bsprof.engine.oom import free_memory, is_oom
-    from bsprof.engine.step import TrainingStep
+    """A few untimed, unstored steps, so that one-time process costs don't land on the first trial."""
+    from bsprof.engine.maxbatch import probe_fits
+    from bsprof.errors import MeasurementFailed
 
     try:
-        step = TrainingStep(workload, batch_size=batch_size, seed=0, lr=workload.base_lr, device=settings.device,
-                            amp=settings.amp, compile=settings.compile)  # fmt: skip
-        for _ in range(3):
-            step()
-        synchronizer(settings.device)()
+        if not probe_fits(workload, batch_size, settings, steps=3):
+            log.warning("priming at batch size %d ran out of memory; the trials will record it", batch_size)
         workload.val_split()
-        del step
-    except Exception as e:  # noqa: BLE001 - the trials themselves will record the failure
-        log.warning("priming at batch size %d failed (%s); the trials will record it", batch_size,
-                    "out of memory" if is_oom(e) else f"{type(e).__name__}: {e}")  # fmt: skip
-    free_memory(settings.device)
+    except MeasurementFailed as e:
+        log.warning("priming failed (%s); the trials will record it", e)
 
 
 @dataclass

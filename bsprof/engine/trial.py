@@ -144,22 +144,31 @@ class TrialResult:
 
 
 def _memory_metrics(device: torch.device, telemetry: Telemetry | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Peak memory of the trial and how it was measured (``peak_mem_source``).
+
+    CUDA: the caching allocator's peak allocated and reserved bytes since the reset at the trial's start.
+    CPU: the growth of the process's peak RSS over its RSS when the window opened — exact (the kernel's
+    high-water mark, ``rss_vmhwm``) on Linux, sampled (``rss_sampled``) elsewhere; a lower bound, since
+    memory the allocator kept from earlier trials is reused without growing RSS.
+    """
     if device.type == "cuda":
         return (
             {
                 "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)),
                 "peak_mem_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+                "peak_mem_source": "cuda_allocator",
             },
             {},
         )
     if telemetry is None:
         return {"peak_mem_bytes": None}, {"peak_mem_bytes": "no telemetry window"}
     return (
-        {"peak_mem_bytes": telemetry.rss_growth_bytes, "peak_mem_reserved_bytes": None},
         {
-            "peak_mem_bytes": "cpu: peak growth of process RSS during the trial (sampled; a lower bound)",
-            "peak_mem_reserved_bytes": "cpu: no caching allocator statistics",
+            "peak_mem_bytes": telemetry.rss_growth_bytes,
+            "peak_mem_reserved_bytes": None,
+            "peak_mem_source": "rss_vmhwm" if telemetry.rss_peak_source == "VmHWM" else "rss_sampled",
         },
+        {"peak_mem_reserved_bytes": f"{device.type}: no caching allocator statistics"},
     )
 
 
@@ -174,9 +183,7 @@ def _flops_metrics(
     try:
         counted = step
         if settings.compile:
-            counted = TrainingStep(
-                workload, batch_size=spec.batch_size, seed=spec.seed, lr=spec.lr, device=settings.device
-            )
+            counted = TrainingStep.for_trial(workload, spec, settings, compile=False)
         flops = count_flops(counted)
     except Exception as e:  # noqa: BLE001 - a failed count leaves the FLOP fields empty, the trial stands
         why = f"FLOP counting failed: {type(e).__name__}: {e}"[:300]
@@ -252,15 +259,7 @@ def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSe
         monitor = Monitor(gpu, hz=settings.monitor_hz)
         closing = contextlib.closing(gpu) if hasattr(gpu, "close") else contextlib.nullcontext()
         with closing, monitor.window() as window:  # the sampler closes after the window's last poll
-            step = TrainingStep(
-                workload,
-                batch_size=spec.batch_size,
-                seed=spec.seed,
-                lr=spec.lr,
-                device=device,
-                amp=settings.amp,
-                compile=settings.compile,
-            )
+            step = TrainingStep.for_trial(workload, spec, settings)
             times = time_steps(step, batch_size=spec.batch_size, settings=settings.timing, sync=synchronizer(device))
         expected = times.warmup_steps + times.measured_steps
         if step.steps_done != expected:
