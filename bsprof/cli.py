@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any, NoReturn
 
 from bsprof.errors import BadInput, BsprofError
 
-__all__ = ["main", "parse_batch_sizes"]
+__all__ = ["main", "parse_batch_sizes", "parse_fraction"]
 
 log = logging.getLogger("bsprof")
 
@@ -198,6 +199,11 @@ def _build_parser() -> _Parser:
         choices=["fixed", "linear", "sqrt"],
         help="LR scaling from the workload's base LR at its base batch size (default: linear, capped)",
     )
+    cg.add_argument(
+        "--base-lr",
+        type=_positive(float),
+        help="override the workload's base LR (at its base batch size) that the LR rule scales from",
+    )
     cg.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default: 0)")
     cg.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up epochs (default: 0)")
     cg.add_argument(
@@ -259,6 +265,20 @@ def _build_parser() -> _Parser:
         metavar="FILE",
         help="pytest-benchmark JSON results to include (repeatable)",
     )
+
+    cp = sub.add_parser(
+        "compare",
+        help="regression gate: compare two benchmark results",
+        description="Compare two pytest-benchmark JSON files (or two stores) benchmark by benchmark: step time "
+        "and steps-to-target. Exit 1 when one got worse by more than --fail-above and the one-sided Mann-Whitney "
+        "test says so at --alpha; 0 otherwise; 2 on bad input.",
+    )
+    cp.add_argument("baseline", help="the reference: pytest-benchmark JSON (--benchmark-json) or a bsprof store")
+    cp.add_argument("new", help="the results under test, of the same kind")
+    cp.add_argument(
+        "--fail-above", default="10%", metavar="X", help="regression threshold: 10%% or 0.1 (default: 10%%)"
+    )
+    cp.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
 
     fm = sub.add_parser(
         "find-max-batch",
@@ -364,6 +384,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         repeats=args.repeats,
         lr_rule=args.lr_rule,
+        base_lr=args.base_lr,
         tune_lr=args.tune_lr,
         skip_larger_after_oom=args.skip_larger,
         convergence=_convergence_settings(args, workload),
@@ -510,6 +531,43 @@ def cmd_find_max_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_fraction(text: str) -> float:
+    """``10%`` or ``0.1`` -> 0.1. A bare number of 1 or more is refused as ambiguous (write ``150%``).
+
+    Raises:
+        BadInput: Not a number, negative, or a bare number >= 1.
+    """
+    t = text.strip()
+    percent = t.endswith("%")
+    try:
+        value = float(t[:-1] if percent else t)
+    except ValueError:
+        raise BadInput(f"--fail-above {text!r}: expected e.g. 10% or 0.1") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadInput(f"--fail-above {text!r}: must be a finite number >= 0")
+    if not percent and value >= 1:
+        raise BadInput(f"--fail-above {text!r}: ambiguous; write {value:g}% or {value / 100:g}")
+    return value / 100 if percent else value
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``bsprof compare``: 1 on a significant regression beyond the threshold, else 0."""
+    from bsprof.compare import compare_paths
+    from bsprof.console import print_comparison
+
+    threshold = parse_fraction(args.fail_above)
+    comparisons, warnings = compare_paths(args.baseline, args.new, threshold=threshold, alpha=args.alpha)
+    print_comparison(comparisons, threshold=threshold, alpha=args.alpha)
+    for w in warnings:
+        print(f"bsprof compare: warning: {w}", file=sys.stderr)
+    regressions = [c for c in comparisons if c.verdict == "regression"]
+    if regressions:
+        print(f"bsprof compare: {len(regressions)} regression(s), first: {regressions[0].name}", file=sys.stderr)
+        return 1
+    print(f"bsprof compare: no regression in {len(comparisons)} comparison(s)")
+    return 0
+
+
 COMMANDS = {
     "workloads": cmd_workloads,
     "sweep": cmd_sweep,
@@ -518,6 +576,7 @@ COMMANDS = {
     "summary": cmd_summary,
     "find-max-batch": cmd_find_max_batch,
     "report": cmd_report,
+    "compare": cmd_compare,
 }
 
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from bsprof.engine.trial import TrialResult, TrialSpec
     from bsprof.store import Store
 
-__all__ = ["Progress", "format_bytes", "print_summary"]
+__all__ = ["Progress", "format_bytes", "print_comparison", "print_summary"]
 
 log = logging.getLogger("bsprof")
 
@@ -173,3 +173,55 @@ def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None
                 console.print("recommended — " + "; ".join(parts))
             for w in rec.warnings:
                 console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def _change_text(c: Any) -> str:
+    """``+20.0%`` (and the throughput change for step times); ``missed`` when the new median missed the target."""
+    if math.isnan(c.change):
+        return ""
+    if math.isinf(c.change):
+        return "median seed now misses"
+    text = f"{c.change:+.1%}"
+    if c.metric == "step_time_s" and c.change > -1:
+        text += f" (samples/s {1 / (1 + c.change) - 1:+.1%})"
+    return text
+
+
+def print_comparison(comparisons: list[Any], *, threshold: float, alpha: float, width: int = 160) -> None:
+    """Print ``bsprof compare``'s table: per benchmark and metric, both medians, the change, p and the verdict."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    def value(metric: str, v: float) -> str:
+        if math.isinf(v):
+            return "missed"
+        if metric == "step_time_s":
+            return _num(v * 1e3, "{:.4g} ms")
+        return _num(v, "{:,.0f}" if float(v).is_integer() else "{:,.1f}")
+
+    colour = {"regression": "red", "improvement": "green", "not significant": "yellow"}
+    t = Table(
+        title=f"bsprof compare (regression: worse by > {threshold:.0%} and one-sided Mann-Whitney U p < {alpha:g})"
+    )
+    names = [c.name.split("::")[-1] for c in comparisons]
+    name_width = max([len("benchmark"), *map(len, names)])
+    for head in ("benchmark", "metric", "baseline", "new", "change", "p", "n", "verdict"):
+        t.add_column(
+            head,
+            justify="left" if head in ("benchmark", "metric", "verdict") else "right",
+            min_width=name_width if head == "benchmark" else None,
+        )
+    for c, name in zip(comparisons, names):
+        verdict = f"[{colour[c.verdict]}]{c.verdict}[/]" if c.verdict in colour else c.verdict
+        t.add_row(
+            escape(name),
+            f"{'step time' if c.metric == 'step_time_s' else 'steps to target'} ({c.statistic})",
+            value(c.metric, c.base),
+            value(c.metric, c.new),
+            _change_text(c),
+            "" if math.isnan(c.p_value) else f"{c.p_value:.2g}",
+            f"{c.n_base}/{c.n_new}",
+            verdict,
+        )
+    Console(width=max(width, name_width + 125)).print(t)

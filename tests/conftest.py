@@ -19,6 +19,8 @@ import torch
 
 import bsprof.engine.timing as timing_module
 
+pytest_plugins = ["pytester"]  # tests/test_benchmark_suite.py runs the benchmark suite's plugin in pytester
+
 # One intra-op thread: the tests' models are tiny, and on a shared two-core host a second OpenMP thread
 # that is not scheduled makes every small op wait for it (tens of milliseconds per step).
 torch.set_num_threads(1)

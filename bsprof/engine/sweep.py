@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from bsprof.store import RunRecord, Store
     from bsprof.workload import Workload
 
-__all__ = ["FINAL_SEED_OFFSET", "SweepConfig", "SweepOutcome", "lr_grid", "plan_trials", "run_sweep"]
+__all__ = ["FINAL_SEED_OFFSET", "SweepConfig", "SweepOutcome", "lr_grid", "plan_trials", "prime_process", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class SweepConfig:
         seeds: Seeds 0 .. seeds-1 (per batch size, and per LR when tuning).
         repeats: Rounds of throughput trials over all batch sizes (each round runs every seed).
         lr_rule: LR scaling rule (see :mod:`bsprof.engine.lr`).
+        base_lr: Override of the workload's base LR (at its base batch size), ``None`` to keep it.
         tune_lr: Learning rates tried per batch size (0: no tuning, use the rule's LR).
         skip_larger_after_oom: Record batch sizes at and above an OOM as ``oom`` without trying them.
         convergence: Budgets, schedule and target of convergence trials.
@@ -61,6 +62,7 @@ class SweepConfig:
     seeds: int = 3
     repeats: int = 1
     lr_rule: str = "linear"
+    base_lr: float | None = None
     tune_lr: int = 0
     skip_larger_after_oom: bool = True
     convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
@@ -73,6 +75,7 @@ class SweepConfig:
             "workload_ref": self.workload_ref,
             "kinds": sorted(self.kinds),
             "lr_rule": self.lr_rule,
+            "base_lr": self.base_lr,
             "tune_lr": self.tune_lr,
             "convergence": self.convergence.config() if "convergence" in self.kinds else None,
             "engine": settings.config(),
@@ -101,7 +104,7 @@ def plan_trials(config: SweepConfig, workload: Workload, phase: str = "main") ->
     (convergence at every grid LR). The ``final`` phase needs the tuning results: see :func:`run_sweep`.
     """
     specs = []
-    rule_lr = {b: scaled_lr(workload, b, config.lr_rule) for b in config.batch_sizes}
+    rule_lr = {b: scaled_lr(workload, b, config.lr_rule, base_lr=config.base_lr) for b in config.batch_sizes}
     if phase == "main":
         if "throughput" in config.kinds:
             for repeat in range(config.repeats):
@@ -181,7 +184,7 @@ def run_sweep(
     total = len(phases) + n_final
     done = 0
     if prime and any(spec.key() not in state.done_keys for spec in phases):
-        _prime(workload, settings, min(config.batch_sizes))
+        prime_process(workload, settings, min(config.batch_sizes))
     for spec in phases:
         done = _run_one(spec, workload, settings, run_fns, state, outcome, progress, done, total)
     if n_final:
@@ -199,7 +202,7 @@ def run_sweep(
     return outcome
 
 
-def _prime(workload: Workload, settings: EngineSettings, batch_size: int) -> None:
+def prime_process(workload: Workload, settings: EngineSettings, batch_size: int) -> None:
     """A few untimed, unstored steps, so that one-time process costs don't land on the first trial."""
     from bsprof.engine.maxbatch import probe_fits
     from bsprof.errors import MeasurementFailed

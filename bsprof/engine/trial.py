@@ -26,7 +26,7 @@ from bsprof.engine.timing import StepTimes, TimingSettings, time_steps
 if TYPE_CHECKING:
     from bsprof.workload import Workload
 
-__all__ = ["KINDS", "STATUSES", "EngineSettings", "TrialResult", "TrialSpec", "run_throughput_trial"]
+__all__ = ["KINDS", "STATUSES", "EngineSettings", "TrialResult", "TrialSpec", "memory_metrics", "run_throughput_trial"]
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class TrialResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _memory_metrics(device: torch.device, telemetry: Telemetry | None) -> tuple[dict[str, Any], dict[str, str]]:
+def memory_metrics(device: torch.device, telemetry: Telemetry | None) -> tuple[dict[str, Any], dict[str, str]]:
     """Peak memory of the trial and how it was measured (``peak_mem_source``).
 
     CUDA: the caching allocator's peak allocated and reserved bytes since the reset at the trial's start.
@@ -274,7 +274,7 @@ def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSe
         reasons: dict[str, str] = {}
         samples = times.measured_steps * spec.batch_size
         for m, r in (
-            _memory_metrics(device, telemetry),
+            memory_metrics(device, telemetry),
             measured_gpu_metrics(telemetry, measured_s=times.measured_s, samples=samples),
             _flops_metrics(workload, spec, settings, step, times),
         ):

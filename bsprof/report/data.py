@@ -481,6 +481,8 @@ def load_benchmark_json(paths: Sequence[str | Path]) -> pd.DataFrame:
             if math.isnan(row["iqr"]) and not (math.isnan(row["q1"]) or math.isnan(row["q3"])):
                 row["iqr"] = row["q3"] - row["q1"]
             extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
+            # Long series (e.g. ``step_times_s``, one value per round) are summarised: the table shows figures.
+            extra = {k: f"[{len(v)} values]" if isinstance(v, list) and len(v) > 12 else v for k, v in extra.items()}
             row["extra_info"] = json.dumps(extra, sort_keys=True, default=str) if extra else ""
             row["machine"] = " ".join(str(machine.get(k, "")) for k in ("node", "processor", "python_version")).strip()
             row["datetime"] = str(doc.get("datetime", ""))
