@@ -340,13 +340,15 @@ def tradeoff_table(trials: pd.DataFrame) -> pd.DataFrame:
     conv = convergence_table(trials)
     tp = throughput_table(trials)
     keys = ["workload", "device", "batch_size"]
-    tp_cols = [*keys, "samples_per_s", "step_time_s", "peak_mem_bytes", "status"]
+    tp_cols = [*keys, "samples_per_s", "samples_per_s_p25", "samples_per_s_p75", "step_time_s", "step_time_iqr_s",
+               "peak_mem_bytes", "trials", "ok", "status"]  # fmt: skip
     if "energy_per_sample_j" in trials.columns:
         e = trials[(trials["kind"] == "throughput") & (trials["status"] == "ok")]
         energy = e.groupby(keys)["energy_per_sample_j"].median().rename("energy_per_sample_j").reset_index()
         tp = tp.merge(energy, on=keys, how="left")
         tp_cols.append("energy_per_sample_j")
-    merged = conv.merge(tp[tp_cols].rename(columns={"status": "throughput_status"}), on=keys, how="outer")
+    renamed = {"status": "throughput_status", "trials": "throughput_trials", "ok": "throughput_ok"}
+    merged = conv.merge(tp[tp_cols].rename(columns=renamed), on=keys, how="outer")
     merged = merged.sort_values(keys).reset_index(drop=True)
     merged["wallclock_to_target_s"] = merged["steps_to_target"] * merged["step_time_s"]
     if "energy_per_sample_j" in merged.columns:

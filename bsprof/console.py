@@ -120,8 +120,9 @@ def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None
             console.print(f"run {run_id}: no trials stored")
             continue
         table = tradeoff_table(trials)
-        heads = ["batch", "samples/s", "step time", "peak mem", "steps→target [95% CI]", "samples→target",
-                 "wall-clock→target", "reached", "E(B)", "regime", "val / train metric", "status"]  # fmt: skip
+        heads = ["batch", "samples/s", "p25–p75", "step time", "step IQR", "peak mem", "steps→target [95% CI]",
+                 "samples→target", "wall-clock→target", "reached", "E(B)", "regime", "val / train metric",
+                 "status"]  # fmt: skip
         rows = []
         for r in table.itertuples():
             reached = "" if math.isnan(float(getattr(r, "reached_fraction", math.nan))) else f"{r.reached}/{r.seeds}"
@@ -135,7 +136,9 @@ def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None
             rows.append([
                 str(r.batch_size),
                 _num(r.samples_per_s),
+                f"{_num(r.samples_per_s_p25)}–{_num(r.samples_per_s_p75)}" if _num(r.samples_per_s_p25) else "",
                 _num(float(r.step_time_s) * 1e3, "{:.3f} ms") if _num(r.step_time_s) else "",
+                _num(float(r.step_time_iqr_s) * 1e3, "{:.3f} ms") if _num(r.step_time_iqr_s) else "",
                 format_bytes(None if math.isnan(float(r.peak_mem_bytes)) else float(r.peak_mem_bytes)),
                 _ci(r, "steps_to_target", "{:,.0f}"),
                 _num(r.samples_to_target),
