@@ -42,7 +42,7 @@ from bsprof.engine.timing import TimingSettings
 from bsprof.engine.trial import EngineSettings, TrialSpec, run_throughput_trial
 from bsprof.workloads.digits import DigitsMLP, digits_splits
 
-ROUNDS = 15
+ROUNDS = 25
 SIDE_S = 0.3
 CHUNK_S = 0.02
 MIN_CHUNKS = 7

@@ -214,7 +214,7 @@ def _train(
             step.set_lr(spec.lr * (s + 1) / warmup)
         elif warmup and s == warmup:
             step.set_lr(spec.lr)
-        loss = step()
+        loss = step().detach()
         loss_sum += loss.float()
         loss_count += 1
         s += 1

@@ -140,7 +140,11 @@ class TrainingStep:
             group["lr"] = lr
 
     def __call__(self) -> torch.Tensor:
-        """Run one training step; returns the (detached, unsynchronised) loss."""
+        """Run one training step; returns the unsynchronised loss tensor.
+
+        The loss is returned as is (``detach()`` would cost ~1% of a 0.2 ms step): its graph was freed by
+        ``backward()``, but detach it before accumulating it across steps.
+        """
         idx = self.batcher.next()
         inputs = self.train.inputs[idx]
         targets = self.train.targets[idx]
@@ -158,7 +162,7 @@ class TrainingStep:
             self._scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
-        return loss.detach()
+        return loss
 
     @property
     def samples_done(self) -> int:
