@@ -98,13 +98,30 @@ def _num(v: Any, fmt: str = "{:,.0f}") -> str:
     return fmt.format(f)
 
 
+def _si(v: float) -> str:
+    """``40583`` -> ``"40.6k"``: three significant digits with an SI suffix."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:.3g}"
+
+
+def _spread(mid: Any, lo: Any, hi: Any) -> str:
+    """``"40.6k [31.9k–41.2k]"``; just the middle when the spread is unknown."""
+    if not _num(mid):
+        return ""
+    if not (_num(lo) and _num(hi)) or float(lo) == float(hi):
+        return _si(float(mid))
+    return f"{_si(float(mid))} [{_si(float(lo))}–{_si(float(hi))}]"
+
+
 def _ci(row: Any, col: str, fmt: str) -> str:
     mid = _num(getattr(row, col), fmt)
     lo, hi = _num(getattr(row, f"{col}_ci_low"), fmt), _num(getattr(row, f"{col}_ci_high"), fmt)
     return f"{mid} [{lo}–{hi}]" if mid and lo and (lo != mid or hi != mid) else mid
 
 
-def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None:
+def print_summary(store: Store, run_ids: list[str], *, width: int | None = None) -> None:
     """Print the trade-off table per batch size and the recommendations, for the given runs."""
     from rich.console import Console
     from rich.table import Table
@@ -112,7 +129,8 @@ def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None
     from bsprof.analysis import recommend, tradeoff_table
     from bsprof.export import trials_frame
 
-    console = Console(width=width)
+    # On a terminal rich fits the table to its width; in a log file, one line per batch size.
+    console = Console(width=width or (None if sys.stdout.isatty() else 220))
     for run_id in run_ids:
         run = store.run(run_id)
         trials = trials_frame(store, [run_id])
@@ -120,8 +138,8 @@ def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None
             console.print(f"run {run_id}: no trials stored")
             continue
         table = tradeoff_table(trials)
-        heads = ["batch", "samples/s", "p25–p75", "step time", "step IQR", "peak mem", "steps→target [95% CI]",
-                 "samples→target", "wall-clock→target", "reached", "E(B)", "regime", "val / train metric",
+        heads = ["batch", "samples/s [p25–p75]", "step time ± IQR", "peak mem", "steps→target [95% CI]",
+                 "samples→target", "wall-clock→target", "reached", "E(B)", "regime", "val/train metric",
                  "status"]  # fmt: skip
         rows = []
         for r in table.itertuples():
@@ -133,22 +151,26 @@ def print_summary(store: Store, run_ids: list[str], *, width: int = 180) -> None
             )
             metric = (f"{_num(r.final_val_metric, '{:.3f}')} / {_num(r.final_train_metric, '{:.3f}')}"
                       if _num(r.final_val_metric, "{:.3f}") else "")  # fmt: skip
-            rows.append([
-                str(r.batch_size),
-                _num(r.samples_per_s),
-                f"{_num(r.samples_per_s_p25)}–{_num(r.samples_per_s_p75)}" if _num(r.samples_per_s_p25) else "",
-                _num(float(r.step_time_s) * 1e3, "{:.3f} ms") if _num(r.step_time_s) else "",
-                _num(float(r.step_time_iqr_s) * 1e3, "{:.3f} ms") if _num(r.step_time_iqr_s) else "",
-                format_bytes(None if math.isnan(float(r.peak_mem_bytes)) else float(r.peak_mem_bytes)),
-                _ci(r, "steps_to_target", "{:,.0f}"),
-                _num(r.samples_to_target),
-                _num(r.wallclock_to_target_s, "{:.3f} s"),
-                reached,
-                _num(r.scaling_efficiency, "{:.2f}"),
-                r.regime if isinstance(r.regime, str) else "",
-                metric,
-                statuses or "ok",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    str(r.batch_size),
+                    _spread(r.samples_per_s, r.samples_per_s_p25, r.samples_per_s_p75),
+                    (
+                        f"{float(r.step_time_s) * 1e3:.3f} ± {float(r.step_time_iqr_s) * 1e3:.3f} ms"
+                        if _num(r.step_time_s) and _num(r.step_time_iqr_s)
+                        else ""
+                    ),
+                    format_bytes(None if math.isnan(float(r.peak_mem_bytes)) else float(r.peak_mem_bytes)),
+                    _ci(r, "steps_to_target", "{:,.0f}"),
+                    _num(r.samples_to_target),
+                    _num(r.wallclock_to_target_s, "{:.3f} s"),
+                    reached,
+                    _num(r.scaling_efficiency, "{:.2f}"),
+                    r.regime if isinstance(r.regime, str) else "",
+                    metric,
+                    statuses or "ok",
+                ]
+            )
         keep = [i for i in range(len(heads)) if i == 0 or any(row[i] for row in rows)]  # drop all-empty columns
         t = Table(title=f"{run.workload} — run {run_id} ({run.environment.get('device_name', '')})")
         for i in keep:
