@@ -106,8 +106,9 @@ def memory_section(d: ReportData, store_hint: str) -> Section:
     devices = {r.label: r.device for r in d.runs}
     if any(not str(devices.get(r, "")).startswith("cuda") for r in mem["run"].unique()):
         s.sentences.append(
-            "On a CPU, peak memory is the growth of the process's resident memory during the trial, sampled: a lower "
-            "bound, since memory freed by earlier trials is reused without growing it."
+            "On a CPU, peak memory is the growth of the process's peak resident memory during the trial (the "
+            "kernel's high-water mark on Linux, else sampled): a lower bound, since memory freed by earlier trials "
+            "is reused without growing it."
         )
     if len(oom_rows):
         for run, g in _by_run(oom_rows, d):
