@@ -9,15 +9,23 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
+from bsprof.commands import (
+    cmd_compare,
+    cmd_export,
+    cmd_find_max_batch,
+    cmd_profile,
+    cmd_report,
+    cmd_summary,
+    cmd_sweep,
+    cmd_workloads,
+)
 from bsprof.errors import BadInput, BsprofError
 
-__all__ = ["main", "parse_batch_sizes", "parse_fraction"]
+__all__ = ["build_parser", "main", "parse_batch_sizes", "parse_fraction"]
 
 log = logging.getLogger("bsprof")
 
@@ -114,7 +122,7 @@ def _add_telemetry_options(p: argparse.ArgumentParser, *, profile_flag: bool = T
         )
 
 
-def _build_parser() -> _Parser:
+def build_parser() -> _Parser:
     parser = _Parser(prog="bsprof", description="Batch-size benchmark and profiling for PyTorch training.")
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -302,235 +310,6 @@ def _version() -> str:
     return f"bsprof {__version__}"
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Workload and engine settings from the common options (bad input raised before anything is written)."""
-    from bsprof.engine.device import resolve_device
-    from bsprof.engine.trial import EngineSettings
-    from bsprof.workload import load_workload
-
-    if args.data_dir:
-        if not Path(args.data_dir).is_dir():
-            raise BadInput(f"--data-dir {args.data_dir}: no such folder")
-        os.environ["BSPROF_CIFAR10_DIR"] = str(args.data_dir)
-    workload = load_workload(args.workload)
-    device = resolve_device(args.device)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    timing_kwargs = {}
-    if getattr(args, "min_time", None) is not None:
-        from bsprof.engine.timing import TimingSettings
-
-        if args.timing_warmup_steps < 0:
-            raise BadInput(f"--timing-warmup-steps must be >= 0, got {args.timing_warmup_steps}")
-        timing_kwargs["timing"] = TimingSettings(
-            warmup_steps=args.timing_warmup_steps, min_time_s=args.min_time, min_steps=args.min_steps
-        )
-    engine_kwargs: dict[str, Any] = {
-        k: getattr(args, k) for k in ("monitor_hz", "peak_tflops", "profile") if getattr(args, k, None) is not None
-    }
-    return workload, EngineSettings(device=device, amp=args.amp, compile=args.compile, **timing_kwargs, **engine_kwargs)
-
-
-def _store_path(args: argparse.Namespace) -> Path:
-    from bsprof.store import DEFAULT_STORE
-
-    return Path(args.store) if args.store else DEFAULT_STORE
-
-
-def cmd_workloads(args: argparse.Namespace) -> int:
-    from bsprof.workloads import BUILTINS
-
-    width = max(len(n) for n in BUILTINS)
-    for name, b in BUILTINS.items():
-        print(f"{name:<{width}}  {b.description}")
-    return 0
-
-
-def _convergence_settings(args: argparse.Namespace, workload: Any) -> Any:
-    from bsprof.engine.convergence import ConvergenceSettings
-
-    if args.warmup_steps < 0 or args.warmup_epochs < 0:
-        raise BadInput("--warmup-steps and --warmup-epochs must be >= 0")
-    if args.tune_lr < 0 or args.tune_lr == 1:
-        raise BadInput(f"--tune-lr {args.tune_lr}: give 0 (no tuning) or at least 2 learning rates")
-    if args.kind != "throughput" and args.target is None and workload.target is None:
-        raise BadInput(f"workload {workload.name} has no default target: pass --target or use --kind throughput")
-    return ConvergenceSettings(
-        target=args.target,
-        patience=args.target_patience,
-        max_steps=args.max_steps,
-        max_epochs=args.max_epochs,
-        max_time_s=args.max_time,
-        eval_every=args.eval_every,
-        continue_after_target=args.continue_after_target,
-        warmup_steps=args.warmup_steps,
-        warmup_epochs=args.warmup_epochs,
-    )
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from bsprof.console import Progress, print_summary
-    from bsprof.engine.sweep import SweepConfig, run_sweep
-    from bsprof.store import Store
-
-    batch_sizes = parse_batch_sizes(args.batch_sizes)
-    workload, settings = _load(args)
-    config = SweepConfig(
-        workload_ref=args.workload,
-        batch_sizes=batch_sizes,
-        kinds=("throughput", "convergence") if args.kind == "both" else (args.kind,),
-        seeds=args.seeds,
-        repeats=args.repeats,
-        lr_rule=args.lr_rule,
-        base_lr=args.base_lr,
-        tune_lr=args.tune_lr,
-        skip_larger_after_oom=args.skip_larger,
-        convergence=_convergence_settings(args, workload),
-    )
-    with Store(_store_path(args), create=True) as store, Progress() as progress:
-        fresh = args.fresh
-        if settings.profile:
-            settings = _with_trace_dir(settings, store, config, workload, fresh=fresh)
-            fresh = False  # the run was just opened (fresh if asked); run_sweep resumes it
-        try:
-            outcome = run_sweep(config, workload, settings, store, fresh=fresh, progress=progress.update)
-        except KeyboardInterrupt:
-            progress.close()
-            print("bsprof: interrupted; finished trials are stored, run the same command to resume", file=sys.stderr)
-            return 130
-        progress.close()
-        log.info("run %s: %d trials run, %d already stored", outcome.run.run_id, len(outcome.results), outcome.skipped)
-        print_summary(store, [outcome.run.run_id])
-        if settings.profile:
-            _print_profile_note(outcome, settings.trace_dir)
-        errors = [r for r in outcome.results if r.status == "error"]
-        if args.report or args.report_out:
-            _print_report_info(_write_report(store, args.report_out, [outcome.run.run_id]))
-    if errors:
-        print(f"bsprof: {len(errors)} trial(s) failed with an error (first: {errors[0].error})", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _with_trace_dir(settings: Any, store: Any, config: Any, workload: Any, *, fresh: bool) -> Any:
-    """Settings whose ``trace_dir`` is ``<store folder>/traces/<run>``; opens (or resumes) the run to learn its id.
-
-    ``trace_dir`` is not part of the run's config hash, so ``run_sweep`` then resumes this same run.
-    """
-    from dataclasses import replace
-
-    from bsprof.environment import collect_environment
-
-    run = store.open_run(
-        workload.name, config.hashed(workload, settings), collect_environment(settings.device), fresh=fresh
-    )
-    return replace(settings, trace_dir=str(Path(store.path).parent / "traces" / run.run_id))
-
-
-def _print_profile_note(outcome: Any, trace_dir: str) -> None:
-    profiled = sorted({r.spec.batch_size for r in outcome.results if r.extra.get("trace_dir")})
-    failed = [r for r in outcome.results if r.extra.get("profile_error")]
-    root = Path(trace_dir).parent
-    if profiled:
-        sizes = ", ".join(map(str, profiled))
-        print(f"profiler traces for batch sizes {sizes} in {trace_dir}")
-        print(f"view them: tensorboard --logdir {root}   (needs: pip install 'bsprof[tensorboard]'; or Perfetto UI)")
-    else:
-        print("no trial was profiled: every throughput trial of this run was already stored (use --fresh)")
-    if failed:
-        first = failed[0].extra["profile_error"]
-        print(f"bsprof: profiling failed for {len(failed)} trial(s) (first: {first})", file=sys.stderr)
-
-
-def cmd_profile(args: argparse.Namespace) -> int:
-    """``bsprof profile``: ``bsprof sweep --kind throughput --profile`` with the options given here."""
-    options = vars(_build_parser().parse_args(["sweep"]))  # every sweep option at its default
-    options.update(vars(args), kind="throughput", profile=True)
-    return cmd_sweep(argparse.Namespace(**options))
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from bsprof.export import trials_frame, write_export
-    from bsprof.store import Store
-
-    with Store(_store_path(args)) as store:
-        if args.run:
-            for r in args.run:
-                store.run(r)  # raises BadInput for an unknown run
-        frame = trials_frame(store, args.run)
-    text = write_export(frame, args.format, args.output)
-    if text is not None:
-        sys.stdout.write(text)
-    return 0
-
-
-def _write_report(store: Any, out: str | None, run_ids: list[str] | None, benchmark_json: Sequence[str] = ()) -> Any:
-    from bsprof.report import DEFAULT_REPORT, write_report
-
-    return write_report(store, Path(out) if out else DEFAULT_REPORT, run_ids, benchmark_json)
-
-
-def _print_report_info(info: Any) -> None:
-    print(f"report: {info.path} ({info.charts} charts, {info.bytes / 2**20:.1f} MiB, {info.seconds:.1f} s)")
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """``bsprof report``: the HTML report of the latest run per workload (or ``--run``)."""
-    _print_report_info(_write_report(_store_path(args), args.output, args.run, args.benchmark_json))
-    return 0
-
-
-def cmd_summary(args: argparse.Namespace) -> int:
-    from bsprof.console import print_summary
-    from bsprof.store import Store
-
-    with Store(_store_path(args)) as store:
-        run_ids = args.run or store.latest_run_ids()
-        for r in run_ids:
-            store.run(r)  # raises BadInput for an unknown run
-        if not run_ids:
-            raise BadInput(f"store {store.path} holds no runs yet: run `bsprof sweep` first")
-        print_summary(store, run_ids)
-    return 0
-
-
-def cmd_find_max_batch(args: argparse.Namespace) -> int:
-    from bsprof.engine.maxbatch import find_max_batch
-    from bsprof.environment import collect_environment
-    from bsprof.store import Store
-
-    workload, settings = _load(args)
-    if args.cap < args.start:
-        raise BadInput(f"--cap {args.cap} is below --start {args.start}")
-    result = find_max_batch(workload, settings, start=args.start, cap=args.cap)
-    with Store(_store_path(args), create=True) as store:
-        store.add_max_batch(
-            workload.name,
-            str(settings.device),
-            {"workload": workload.config(), "engine": settings.config(), "start": args.start, "cap": args.cap},
-            collect_environment(settings.device),
-            result.max_batch_size,
-            result.first_oom_batch_size,
-            result.tried,
-        )
-    tried = ", ".join(f"{b}:{s}" for b, s in result.tried)
-    if result.max_batch_size is None:
-        print(f"{workload.name} on {settings.device}: even batch size {args.start} ran out of memory (tried {tried})")
-    elif result.hit_cap:
-        print(
-            f"{workload.name} on {settings.device}: largest batch that fits >= {result.max_batch_size} "
-            f"(reached --cap without running out of memory; tried {tried})"
-        )
-    else:
-        print(
-            f"{workload.name} on {settings.device}: largest batch that fits = {result.max_batch_size} "
-            f"(first out of memory at {result.first_oom_batch_size}; tried {tried})"
-        )
-    return 0
-
-
 def parse_fraction(text: str) -> float:
     """``10%`` or ``0.1`` -> 0.1. A bare number of 1 or more is refused as ambiguous (write ``150%``).
 
@@ -550,24 +329,6 @@ def parse_fraction(text: str) -> float:
     return value / 100 if percent else value
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    """``bsprof compare``: 1 on a significant regression beyond the threshold, else 0."""
-    from bsprof.compare import compare_paths
-    from bsprof.console import print_comparison
-
-    threshold = parse_fraction(args.fail_above)
-    comparisons, warnings = compare_paths(args.baseline, args.new, threshold=threshold, alpha=args.alpha)
-    print_comparison(comparisons, threshold=threshold, alpha=args.alpha)
-    for w in warnings:
-        print(f"bsprof compare: warning: {w}", file=sys.stderr)
-    regressions = [c for c in comparisons if c.verdict == "regression"]
-    if regressions:
-        print(f"bsprof compare: {len(regressions)} regression(s), first: {regressions[0].name}", file=sys.stderr)
-        return 1
-    print(f"bsprof compare: no regression in {len(comparisons)} comparison(s)")
-    return 0
-
-
 COMMANDS = {
     "workloads": cmd_workloads,
     "sweep": cmd_sweep,
@@ -582,7 +343,7 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bsprof`` console script; returns the exit code."""
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, CliResult, cli_command, cli_env, ref
 
-from bsprof.cli import _build_parser, parse_batch_sizes
+from bsprof.cli import build_parser, parse_batch_sizes
 from bsprof.errors import BadInput
 from bsprof.store import Store
 
@@ -179,7 +179,7 @@ def test_no_command_is_bad_input(cli: Callable[..., CliResult]) -> None:
 
 
 def _subcommands() -> list[str]:
-    actions = [a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return sorted(actions[0].choices)
 
 
