@@ -37,8 +37,6 @@ from typing import Any
 import pytest
 import torch
 
-from constant_nvml import constant_nvml
-
 from bsprof.engine.monitors import Monitor, NullGpu
 from bsprof.engine.nvml import NvmlGpu, open_nvml_gpu
 from bsprof.engine.step import TrainingStep
@@ -131,8 +129,8 @@ def test_monitor_at_20hz_costs_under_one_percent(benchmark: Any, mode: str) -> N
     assert statistics.median(polls) >= HZ * TIMING.min_time_s * 0.8, "the monitor did not sample at 20 Hz"
     assert poll_s * HZ < MAX_OVERHEAD, f"one poll takes {poll_s * 1e6:.0f} us: {poll_s * HZ:.2%} of a core at 20 Hz"
     message = (
-        f"20 Hz sampling ({sampling.mode}): throughput {overhead:+.2%} lower ({med_on:.0f} vs {med_off:.0f} samples/s, median of "
-        f"{ROUNDS} interleaved rounds; resolution +/-{resolution:.2%})"
+        f"20 Hz sampling ({sampling.mode}): throughput {overhead:+.2%} lower ({med_on:.0f} vs {med_off:.0f} "
+        f"samples/s, median of {ROUNDS} interleaved rounds; resolution +/-{resolution:.2%})"
     )
     if mode == "thread":
         return  # the fallback's figure, for reference: polling from a thread costs the GIL (1-2% here)

@@ -1,7 +1,7 @@
 """Background samplers around a trial's measured window (in the manner of Zeus's measurement windows).
 
-A :class:`Monitor` polls its samplers from a sampler process (or, as a fallback, a daemon thread) at ``hz`` while a :meth:`Monitor.window` is
-open, and on exit reduces the series into a :class:`Telemetry`. Samplers return plain dicts of SI values
+A :class:`Monitor` polls its samplers from a sampler process (or a daemon thread) at ``hz`` while a
+:meth:`Monitor.window` is open, and on exit reduces the series into a :class:`Telemetry`. Samplers return plain dicts of SI values
 (bytes, watts, percent). What a sampler cannot measure stays ``None`` in the telemetry, with a reason in
 :attr:`Telemetry.reasons`: missing is never zero.
 
@@ -25,6 +25,7 @@ GPU reductions (:func:`reduce_gpu`), over all polls of a window or the tail that
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -46,8 +47,8 @@ __all__ = [
     "NullGpu",
     "SamplerProcess",
     "SamplerUnavailable",
-    "child_spec",
     "Telemetry",
+    "child_spec",
     "downsample_rows",
     "measured_gpu_metrics",
     "reduce_gpu",
@@ -393,6 +394,17 @@ class SamplerUnavailable(RuntimeError):
     """The sampler process could not start, died, or did not answer."""
 
 
+def _child_poll(host: HostSampler, gpu: Any, t0: float, errors: dict[str, str]) -> dict[str, float | None]:
+    row: dict[str, float | None] = {"t_s": time.perf_counter() - t0}
+    row.update(host.sample())
+    if gpu is not None:
+        try:
+            row.update(gpu.sample())
+        except Exception as e:  # noqa: BLE001 - a failing sampler must not stop the polls
+            errors.setdefault("gpu", f"GPU sampler failed during the run: {type(e).__name__}: {e}")
+    return row
+
+
 def _sampler_main(conn: Any, parent_pid: int) -> None:
     """The sampler process: waits for a window, polls the parent's host readings and its own GPU sampler
     at the window's rate until told to stop, then sends the rows back. Exits when the parent goes."""
@@ -413,17 +425,7 @@ def _sampler_main(conn: Any, parent_pid: int) -> None:
         except Exception as e:  # noqa: BLE001 - reported back, the window still samples the host
             gpu, gpu_reason = NullGpu(None), f"sampler process could not open the GPU sampler: {type(e).__name__}: {e}"
         errors: dict[str, str] = {}
-
-        def poll() -> dict[str, float | None]:
-            row: dict[str, float | None] = {"t_s": time.perf_counter() - t0}
-            row.update(host.sample())
-            if gpu_reason is None:
-                try:
-                    row.update(gpu.sample())
-                except Exception as e:  # noqa: BLE001 - a failing sampler must not stop the polls
-                    errors.setdefault("gpu", f"GPU sampler failed during the run: {type(e).__name__}: {e}")
-            return row
-
+        poll = functools.partial(_child_poll, host, None if gpu_reason else gpu, t0, errors)
         host.reset()
         rows = [poll()]
         try:
@@ -742,7 +744,7 @@ class Monitor:
         duration_s: float,
         exact_peak: int | None = None,
         *,
-        gpu_reason: str | None | object = ...,
+        gpu_reason: str | object | None = ...,
         field_reasons: dict[str, str] | None = None,
     ) -> Telemetry:
         rss = [int(r["rss_bytes"]) for r in rows if r.get("rss_bytes") is not None]  # type: ignore[arg-type]
