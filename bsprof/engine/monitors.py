@@ -1,9 +1,9 @@
 """Background samplers around a trial's measured window (in the manner of Zeus's measurement windows).
 
 A :class:`Monitor` polls its samplers from a sampler process (or a daemon thread) at ``hz`` while a
-:meth:`Monitor.window` is open, and on exit reduces the series into a :class:`Telemetry`. Samplers return plain dicts of SI values
-(bytes, watts, percent). What a sampler cannot measure stays ``None`` in the telemetry, with a reason in
-:attr:`Telemetry.reasons`: missing is never zero.
+:meth:`Monitor.window` is open, and on exit reduces the series into a :class:`Telemetry`. Samplers return
+plain dicts of SI values (bytes, watts, percent). What a sampler cannot measure stays ``None`` in the
+telemetry, with a reason in :attr:`Telemetry.reasons`: missing is never zero.
 
 The host sampler reads the process's resident set size (bytes), CPU percent and the system's used memory.
 GPU samplers implement :class:`GpuSampler` (the NVML one lives in :mod:`bsprof.engine.nvml`);
