@@ -216,6 +216,7 @@ class BsprofSession:
     run_id: str | None = None
     _store: Store | None = field(default=None, repr=False)
     _primed: bool = field(default=False, repr=False)
+    _sampler: Any = field(default=None, repr=False)
 
     @classmethod
     def start(cls, options: BsprofOptions) -> BsprofSession:
@@ -260,11 +261,14 @@ class BsprofSession:
     @property
     def settings(self) -> EngineSettings:
         """Engine settings of the trials (device; eager, full precision)."""
+        from bsprof.engine.monitors import SamplerProcess
         from bsprof.engine.trial import EngineSettings
 
         if self.device is None:
             raise RuntimeError(self.skip_reason or "no device")
-        return EngineSettings(device=self.device)
+        if self._sampler is None:
+            self._sampler = SamplerProcess()  # one telemetry sampler process for the session's trials
+        return EngineSettings(device=self.device, sampler_process=self._sampler)
 
     @property
     def convergence(self) -> ConvergenceSettings:
@@ -365,6 +369,9 @@ class BsprofSession:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
 
 
 # --- hooks ------------------------------------------------------------------------------------------------

@@ -150,3 +150,31 @@ def uuid(i: int) -> str:
 def fake_gpus(n: int = 1, **kwargs: Any) -> FakeNvml:
     """A fake with ``n`` identical devices built from ``kwargs``."""
     return FakeNvml([FakeDevice(uuid=uuid(i), **kwargs) for i in range(n)])
+
+
+# Module-level factories: a sampler process rebuilds these by name
+# (``open_nvml_gpu(..., nvml_factory="fake_nvml:steady_gpu")``), which in-memory fakes cannot be.
+
+
+def steady_gpu() -> FakeNvml:
+    """One device: 50% utilization, 200 W, and an energy counter that counts 200 J per second exactly."""
+    return FakeNvml([FakeDevice(uuid=uuid(0), energy_mj=lambda t: int(t * 200_000))])
+
+
+def no_energy_counter_gpu() -> FakeNvml:
+    """One device without a total-energy counter."""
+    return FakeNvml([FakeDevice(uuid=uuid(0), energy_mj=None)])
+
+
+def crashing_gpu() -> FakeNvml:
+    """One device whose third power reading kills the (sampler) process outright."""
+    import os
+
+    def power(t: float) -> int:
+        if t >= 0 and power.calls >= 2:  # type: ignore[attr-defined]
+            os._exit(3)
+        power.calls += 1  # type: ignore[attr-defined]
+        return 200_000
+
+    power.calls = 0  # type: ignore[attr-defined]
+    return FakeNvml([FakeDevice(uuid=uuid(0), power_mw=power)])

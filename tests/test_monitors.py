@@ -3,8 +3,12 @@ throughput trial whose stored GPU metrics must match the injected series within 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -16,6 +20,7 @@ from bsprof.engine.monitors import (
     GPU_FIELDS,
     Monitor,
     NullGpu,
+    SamplerProcess,
     Telemetry,
     downsample_rows,
     measured_gpu_metrics,
@@ -168,6 +173,104 @@ def test_nvml_error_mid_window_keeps_the_other_polls() -> None:
     assert tel.gpu["power_w"] == pytest.approx(300.0)
     assert "NVML error during the run" in tel.gpu_field_reasons["power_w"]
     assert tel.gpu["energy_source"] == "energy_counter"
+
+
+# the sampler process (the default mode): fakes rebuilt in the child by name ---------------------------
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_process_mode_samples_the_parent_and_its_own_gpu() -> None:
+    gpu = open_nvml_gpu(0, nvml_factory="fake_nvml:steady_gpu", visible_devices=None)
+    with Monitor(gpu, hz=50) as monitor:
+        assert monitor.mode == "process"
+        with monitor.window() as window:
+            _busy(0.4)
+        tel = window[0]
+        child = monitor._process.pid  # type: ignore[union-attr]
+        assert child is not None and child != os.getpid()
+        with monitor.window() as again:  # the same child serves the next window
+            time.sleep(0.2)
+        assert monitor._process.pid == child  # type: ignore[union-attr]
+        process = monitor._process
+    assert process is not None and not process.alive  # close() ended it
+    assert tel.gpu_reason is None and tel.samples >= 10
+    assert tel.gpu["gpu_util_pct"] == 50.0 and tel.gpu["power_w"] == 200.0
+    assert tel.gpu["energy_source"] == "energy_counter"
+    t = [float(r["t_s"]) for r in tel.series if "energy_counter_j" in r]  # type: ignore[arg-type]
+    assert tel.gpu["energy_j"] == pytest.approx(200.0 * (t[-1] - t[0]), rel=0.02)
+    assert tel.cpu_pct_mean is not None and tel.cpu_pct_mean > 50  # the parent's CPU, read from the child
+    assert tel.rss_baseline_bytes > 0 and all(r["rss_bytes"] for r in tel.series)
+    assert again[0].samples >= 5 and again[0].gpu["power_w"] == 200.0
+
+
+def test_a_crashing_sampler_process_does_not_fail_the_window() -> None:
+    gpu = open_nvml_gpu(0, nvml_factory="fake_nvml:crashing_gpu", visible_devices=None)
+    with Monitor(gpu, hz=100) as monitor:
+        with monitor.window() as window:
+            time.sleep(0.2)
+        tel = window[0]
+        assert tel.gpu_reason is not None and "sampler process" in tel.gpu_reason and "exit code 3" in tel.gpu_reason
+        assert tel.gpu["power_w"] is None and "sampler process" in tel.reasons["power_w"]
+        assert tel.samples == 2 and all(r["rss_bytes"] for r in tel.series)  # the window's own host polls
+        assert tel.rss_peak_bytes >= tel.rss_baseline_bytes
+
+
+def test_the_sampler_process_dies_with_its_parent() -> None:
+    import psutil
+
+    code = (
+        "import os, sys, time\n"
+        "from bsprof.engine.monitors import Monitor, NullGpu\n"
+        "m = Monitor(NullGpu('cpu'), hz=20)\n"
+        "with m.window():\n"
+        "    print(m._process.pid, flush=True)\n"
+        "    os._exit(0)\n"  # no clean-up: the child must notice by itself
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    child = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the sampler process outlived its parent"
+        time.sleep(0.05)
+
+
+def test_in_memory_fakes_fall_back_to_a_thread() -> None:
+    gpu = open_nvml_gpu(0, nvml=fake_gpus(), visible_devices=None)
+    assert Monitor(gpu).mode == "thread"
+    assert Monitor(NullGpu("cpu")).mode == "process"
+    assert Monitor(NullGpu("cpu"), mode="thread").mode == "thread"
+    with pytest.raises(ValueError, match="sampler process"):
+        Monitor(gpu, mode="process")
+    with pytest.raises(ValueError, match="mode"):
+        Monitor(gpu, mode="fork")
+
+
+def test_trials_share_one_sampler_process() -> None:
+    settings = EngineSettings(
+        device=torch.device("cpu"),
+        timing=TimingSettings(warmup_steps=2, warmup_s=0.0, min_time_s=0.3, min_steps=5, min_blocks=3),
+        monitor_hz=50.0,
+        gpu_sampler_factory=lambda d: open_nvml_gpu(0, nvml_factory="fake_nvml:steady_gpu", visible_devices=None),
+    )
+    with SamplerProcess() as sampler:
+        settings = dataclasses.replace(settings, sampler_process=sampler)
+        pids = []
+        for seed in range(2):
+            result = run_throughput_trial(DigitsMLP(), TrialSpec("digits-mlp", "throughput", 32, seed, 0.01), settings)
+            assert result.status == "ok", result.error
+            assert result.extra["monitor_mode"] == "process"
+            assert result.metrics["power_w"] == 200.0
+            assert result.step_times is not None
+            assert result.metrics["energy_j"] == pytest.approx(200.0 * result.step_times.measured_s, rel=0.02)
+            pids.append(sampler.pid)
+        assert pids[0] is not None and pids[0] == pids[1] and sampler.alive
+    assert not sampler.alive
 
 
 # a whole throughput trial with the fake: what is stored matches what was injected ---------------------

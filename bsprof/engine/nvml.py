@@ -280,6 +280,8 @@ class NvmlGpu:
         reason: Always ``None``: this sampler measures.
         field_reasons: Why a field is missing or was missing in some polls (field -> reason).
         errors: Count of failed reads (transient errors included).
+        spec: How :func:`open_nvml_gpu` reopens this GPU in a sampler process (``None``: it cannot, the
+            library object was passed in directly).
     """
 
     nvml: Any
@@ -288,6 +290,7 @@ class NvmlGpu:
     reason: str | None = None
     field_reasons: dict[str, str] = field(default_factory=dict)
     errors: int = 0
+    spec: tuple[str, dict[str, Any]] | None = None
     _unsupported: set[str] = field(default_factory=set, init=False, repr=False)
     _energy_last_mj: int | None = field(default=None, init=False, repr=False)
     _energy_total_mj: int = field(default=0, init=False, repr=False)
@@ -360,6 +363,11 @@ class NvmlGpu:
             row["energy_counter_j"] = energy
         return row
 
+    def child_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """``("bsprof.engine.nvml:open_nvml_gpu", kwargs)`` to open the same GPU in a sampler process
+        (:func:`bsprof.engine.monitors.child_spec`), or ``None`` when it cannot be reopened there."""
+        return self.spec
+
     def close(self) -> None:
         """Release this sampler's NVML initialisation (NVML counts ``nvmlInit`` calls)."""
         if not self._closed:
@@ -382,6 +390,7 @@ def open_nvml_gpu(
     nvml: NvmlLibrary | None = None,
     uuid: str | None = None,
     visible_devices: str | object | None = ...,
+    nvml_factory: str | None = None,
 ) -> NvmlGpu | NullGpu:
     """An :class:`NvmlGpu` for torch's ``cuda:<torch_index>``, or a :class:`NullGpu` saying why not.
 
@@ -390,11 +399,19 @@ def open_nvml_gpu(
         nvml: The NVML library; ``None`` imports ``pynvml``.
         uuid: The device's UUID from torch, when known (preferred over the index mapping).
         visible_devices: ``CUDA_VISIBLE_DEVICES``; by default read from the environment.
+        nvml_factory: ``"module:function"`` returning the NVML library, used instead of ``nvml`` (tests and
+            benchmarks pass fakes this way so that a sampler process can rebuild them).
 
     Returns:
         The sampler. Never raises for a missing library, driver or device: the :class:`NullGpu`'s reason
         says which (e.g. ``"pynvml: NVML Shared Library Not Found"``).
     """
+    reopenable = nvml is None
+    if nvml_factory is not None:
+        from bsprof.engine.monitors import _resolve
+
+        nvml = _resolve(nvml_factory)()
+        reopenable = True
     if nvml is None:
         try:
             nvml = _import_pynvml()
@@ -402,6 +419,12 @@ def open_nvml_gpu(
             return NullGpu(f"pynvml is not installed: {INSTALL_HINT}")
     if visible_devices is ...:
         visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    spec = None
+    if reopenable:
+        kwargs = {"torch_index": torch_index, "uuid": uuid, "visible_devices": visible_devices}
+        if nvml_factory is not None:
+            kwargs["nvml_factory"] = nvml_factory
+        spec = ("bsprof.engine.nvml:open_nvml_gpu", kwargs)
     try:
         _call(nvml.nvmlInit)
     except NvmlError as e:
@@ -418,7 +441,7 @@ def open_nvml_gpu(
         except Exception:  # noqa: BLE001 - already failing; report the first error
             pass
         return NullGpu(f"pynvml: no NVML device for cuda:{torch_index}: {type(e).__name__}: {e}")
-    return NvmlGpu(nvml=nvml, handle=handle, name=name)
+    return NvmlGpu(nvml=nvml, handle=handle, name=name, spec=spec)
 
 
 def torch_device_uuid(torch_index: int) -> str | None:

@@ -19,11 +19,12 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bsprof.engine.convergence import ConvergenceSettings, run_convergence_trial
 from bsprof.engine.lr import scaled_lr
+from bsprof.engine.monitors import SamplerProcess
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, run_throughput_trial
 from bsprof.environment import collect_environment
 
@@ -169,6 +170,24 @@ def run_sweep(
     Returns:
         The run, the trials run now, and the LR chosen per batch size when tuning.
     """
+    if settings.sampler_process is not None:
+        return _run_sweep(config, workload, settings, store, fresh, progress, runners, prime)
+    # One telemetry sampler process for the whole sweep: its start is paid once, not per trial.
+    with SamplerProcess() as sampler:
+        settings = replace(settings, sampler_process=sampler)
+        return _run_sweep(config, workload, settings, store, fresh, progress, runners, prime)
+
+
+def _run_sweep(
+    config: SweepConfig,
+    workload: Workload,
+    settings: EngineSettings,
+    store: Store,
+    fresh: bool,
+    progress: ProgressFn | None,
+    runners: dict[str, Runner] | None,
+    prime: bool,
+) -> SweepOutcome:
     run_fns: dict[str, Runner] = {
         "throughput": run_throughput_trial,
         "convergence": lambda w, s, e: run_convergence_trial(w, s, e, config.convergence),

@@ -75,6 +75,9 @@ class EngineSettings:
             trials (seed 0, repeat 0); it never touches the timed steps, so it is not part of :meth:`config`.
         trace_dir: Folder of this run's traces; each batch size writes into ``<trace_dir>/<workload>-B<b>``.
         peak_tflops: Peak TFLOP/s for MFU, overriding the GPU table (and allowing MFU on the CPU).
+        sampler_process: The telemetry sampler process every trial's monitor shares (a
+            :class:`~bsprof.engine.monitors.SamplerProcess`; :func:`~bsprof.engine.sweep.run_sweep` starts
+            one per sweep); ``None``: each trial's monitor starts and ends its own.
     """
 
     device: torch.device
@@ -86,6 +89,7 @@ class EngineSettings:
     profile: bool = False
     trace_dir: str | None = None
     peak_tflops: float | None = None
+    sampler_process: Any = field(default=None, compare=False, repr=False)
 
     def config(self) -> dict[str, object]:
         """The settings that change measurements; part of a run's config hash."""
@@ -256,9 +260,12 @@ def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSe
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         gpu = (settings.gpu_sampler_factory or default_gpu_sampler)(device)
-        monitor = Monitor(gpu, hz=settings.monitor_hz)
+        monitor = Monitor(gpu, hz=settings.monitor_hz, process=settings.sampler_process)
         closing = contextlib.closing(gpu) if hasattr(gpu, "close") else contextlib.nullcontext()
-        with closing, monitor.window() as window:  # the sampler closes after the window's last poll
+        # The sampler closes after the window's last poll; the monitor's own sampler process (if it has one)
+        # after the window. The window opens before the model is built: a sampler process starting here is
+        # not part of the timed steps.
+        with closing, contextlib.closing(monitor), monitor.window() as window:
             step = TrainingStep.for_trial(workload, spec, settings)
             times = time_steps(step, batch_size=spec.batch_size, settings=settings.timing, sync=synchronizer(device))
         expected = times.warmup_steps + times.measured_steps
@@ -282,7 +289,8 @@ def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSe
             reasons.update(r)
         extra: dict[str, Any] = {"cpu_pct_mean": telemetry.cpu_pct_mean, "rel_iqr": times.rel_iqr}
         extra["telemetry"] = downsample_rows(telemetry.series)
-        extra["gpu_sampler"] = type(gpu).__name__ if gpu.reason is None else gpu.reason
+        extra["gpu_sampler"] = type(gpu).__name__ if telemetry.gpu_reason is None else telemetry.gpu_reason
+        extra["monitor_mode"] = monitor.mode
         if settings.profile and spec.repeat == 0 and spec.seed == 0:
             extra.update(_profile(workload, spec, settings, step))
         return TrialResult(
