@@ -80,9 +80,9 @@ def test_training_step_runs_steps_and_changes_weights() -> None:
 
 def test_training_step_learns_on_its_batches() -> None:
     step = _tiny_step(batch_size=64)  # the full training split every step
-    first = float(step())
+    first = float(step().detach())
     for _ in range(30):
-        last = float(step())
+        last = float(step().detach())
     assert last < first
 
 
@@ -96,7 +96,7 @@ def test_training_step_same_seed_same_losses() -> None:
 
 def _losses(seed: int) -> list[torch.Tensor]:
     step = _tiny_step(seed=seed)
-    return [step() for _ in range(10)]
+    return [step().detach() for _ in range(10)]
 
 
 def test_training_step_set_lr() -> None:
