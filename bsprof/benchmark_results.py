@@ -126,25 +126,12 @@ def throughput_result(
     samples/s) apply unchanged, and the trial can be stored like a sweep's.
     """
     from bsprof.engine.device import device_name
-    from bsprof.engine.monitors import downsample_rows, measured_gpu_metrics
+    from bsprof.engine.monitors import downsample_rows
     from bsprof.engine.timing import StepTimes
-    from bsprof.engine.trial import TrialResult, memory_metrics
+    from bsprof.engine.trial import TrialResult, throughput_metrics
 
     times = StepTimes(tuple(t * iterations for t in round_times_s), iterations, spec.batch_size, warmup_steps)
-    metrics: dict[str, Any] = {
-        "samples_per_s": times.samples_per_s,
-        "step_time_s": times.median_s,
-        "step_time_iqr_s": times.iqr_s,
-        "measured_steps": times.measured_steps,
-    }
-    reasons: dict[str, str] = {}
-    samples = times.measured_steps * spec.batch_size
-    for m, r in (
-        memory_metrics(device, telemetry),
-        measured_gpu_metrics(telemetry, measured_s=times.measured_s, samples=samples),
-    ):
-        metrics.update(m)
-        reasons.update(r)
+    metrics, reasons = throughput_metrics(times, telemetry, device)
     return TrialResult(
         spec=spec,
         status="ok",

@@ -26,7 +26,16 @@ from bsprof.engine.timing import StepTimes, TimingSettings, time_steps
 if TYPE_CHECKING:
     from bsprof.workload import Workload
 
-__all__ = ["KINDS", "STATUSES", "EngineSettings", "TrialResult", "TrialSpec", "memory_metrics", "run_throughput_trial"]
+__all__ = [
+    "KINDS",
+    "STATUSES",
+    "EngineSettings",
+    "TrialResult",
+    "TrialSpec",
+    "memory_metrics",
+    "run_throughput_trial",
+    "throughput_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +185,28 @@ def memory_metrics(device: torch.device, telemetry: Telemetry | None) -> tuple[d
     )
 
 
+def throughput_metrics(
+    times: StepTimes, telemetry: Telemetry, device: torch.device
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The measured columns of a throughput trial: step-time statistics, peak memory, GPU telemetry over the
+    timed steps; and the reasons of the empty ones. Shared by the CLI's trials and the pytest suite's."""
+    metrics: dict[str, Any] = {
+        "samples_per_s": times.samples_per_s,
+        "step_time_s": times.median_s,
+        "step_time_iqr_s": times.iqr_s,
+        "measured_steps": times.measured_steps,
+    }
+    reasons: dict[str, str] = {}
+    samples = times.measured_steps * times.batch_size
+    for m, r in (
+        memory_metrics(device, telemetry),
+        measured_gpu_metrics(telemetry, measured_s=times.measured_s, samples=samples),
+    ):
+        metrics.update(m)
+        reasons.update(r)
+    return metrics, reasons
+
+
 def _flops_metrics(
     workload: Workload, spec: TrialSpec, settings: EngineSettings, step: TrainingStep, times: StepTimes
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -272,21 +303,10 @@ def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSe
         if step.steps_done != expected:
             raise RuntimeError(f"engine bug: {step.steps_done} steps ran, {expected} were timed")
         telemetry = window[0]
-        metrics: dict[str, Any] = {
-            "samples_per_s": times.samples_per_s,
-            "step_time_s": times.median_s,
-            "step_time_iqr_s": times.iqr_s,
-            "measured_steps": times.measured_steps,
-        }
-        reasons: dict[str, str] = {}
-        samples = times.measured_steps * spec.batch_size
-        for m, r in (
-            memory_metrics(device, telemetry),
-            measured_gpu_metrics(telemetry, measured_s=times.measured_s, samples=samples),
-            _flops_metrics(workload, spec, settings, step, times),
-        ):
-            metrics.update(m)
-            reasons.update(r)
+        metrics, reasons = throughput_metrics(times, telemetry, device)
+        flops, flops_reasons = _flops_metrics(workload, spec, settings, step, times)
+        metrics.update(flops)
+        reasons.update(flops_reasons)
         extra: dict[str, Any] = {"cpu_pct_mean": telemetry.cpu_pct_mean, "rel_iqr": times.rel_iqr}
         extra["telemetry"] = downsample_rows(telemetry.series)
         extra["gpu_sampler"] = type(gpu).__name__ if telemetry.gpu_reason is None else telemetry.gpu_reason
