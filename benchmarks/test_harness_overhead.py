@@ -38,6 +38,7 @@ import pytest
 import torch
 from torch import nn
 
+from bsprof.engine.monitors import SamplerProcess
 from bsprof.engine.timing import TimingSettings
 from bsprof.engine.trial import EngineSettings, TrialSpec, run_throughput_trial
 from bsprof.workloads.digits import DigitsMLP, digits_splits
@@ -104,9 +105,12 @@ class _HandLoop:
         return self.chunk * self.batch_size / statistics.median(chunk_s)
 
 
-def _bsprof_samples_per_s(batch_size: int, repeat: int) -> float:
+def _bsprof_samples_per_s(batch_size: int, repeat: int, sampler: SamplerProcess) -> float:
     spec = TrialSpec(workload="digits-mlp", kind="throughput", batch_size=batch_size, seed=SEED, lr=LR, repeat=repeat)
-    settings = EngineSettings(device=torch.device("cpu"), timing=TimingSettings(min_time_s=SIDE_S))
+    # One telemetry sampler process for every trial, as a sweep shares one.
+    settings = EngineSettings(
+        device=torch.device("cpu"), timing=TimingSettings(min_time_s=SIDE_S), sampler_process=sampler
+    )
     result = run_throughput_trial(DigitsMLP(), spec, settings)
     assert result.status == "ok", result.error
     return float(result.metrics["samples_per_s"])  # type: ignore[arg-type]
@@ -116,12 +120,13 @@ def _compare(batch_size: int) -> dict[str, Any]:
     hand_loop = _HandLoop(batch_size, seed=SEED, lr=LR)
     hand: list[float] = []
     ours: list[float] = []
-    for r in range(ROUNDS):
-        for side in ("hand", "bsprof") if r % 2 == 0 else ("bsprof", "hand"):
-            if side == "hand":
-                hand.append(hand_loop.samples_per_s(SIDE_S))
-            else:
-                ours.append(_bsprof_samples_per_s(batch_size, r))
+    with SamplerProcess() as sampler:
+        for r in range(ROUNDS):
+            for side in ("hand", "bsprof") if r % 2 == 0 else ("bsprof", "hand"):
+                if side == "hand":
+                    hand.append(hand_loop.samples_per_s(SIDE_S))
+                else:
+                    ours.append(_bsprof_samples_per_s(batch_size, r, sampler))
     hand_median = statistics.median(hand)
     ours_median = statistics.median(ours)
     return {
