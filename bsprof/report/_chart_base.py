@@ -102,3 +102,12 @@ def _time_unit(seconds: Iterable[float]) -> tuple[str, float]:
 def _tip(field: str, title: str, fmt: str | None = None) -> Any:
     alt = _alt()
     return alt.Tooltip(field, title=title, format=fmt) if fmt else alt.Tooltip(field, title=title)
+
+
+def _per_run(chart: Any, props: dict[str, Any], title: Any, *, many_runs: bool) -> Any:
+    """``chart`` sized by ``props`` and titled; with several runs, one row per run (labelled on top)."""
+    alt = _alt()
+    if not many_runs:
+        return chart.properties(**props, title=title)
+    header = alt.Header(labelOrient="top", labelAnchor="start", labelLimit=500)
+    return chart.properties(**props).facet(row=alt.Row("run:N", title=None, header=header)).properties(title=title)

@@ -26,6 +26,7 @@ from bsprof.report._chart_base import (
     _frame,
     _log_ok,
     _num,
+    _per_run,
     _run_color,
     _tip,
     _title,
@@ -473,14 +474,4 @@ def lr_sensitivity_chart(lr_tuning: pd.DataFrame) -> alt.TopLevelMixin:
         "LR sensitivity: median steps to target of the tuning trials",
         "darker: fewer steps; ✗: half the seeds or more missed the target; red outline: the LR chosen and re-run",
     )
-    if len(runs) > 1:
-        return (
-            layers.properties(**props)
-            .facet(
-                row=alt.Row(
-                    "run:N", title=None, header=alt.Header(labelOrient="top", labelAnchor="start", labelLimit=500)
-                )
-            )
-            .properties(title=title)
-        )
-    return layers.properties(**props, title=title)
+    return _per_run(layers, props, title, many_runs=len(runs) > 1)

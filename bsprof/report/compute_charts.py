@@ -23,6 +23,7 @@ from bsprof.report._chart_base import (
     _frame,
     _log_ok,
     _num,
+    _per_run,
     _run_color,
     _time_unit,
     _tip,
@@ -304,17 +305,7 @@ def top_operators_chart(top_ops: pd.DataFrame, top: int = 9) -> alt.TopLevelMixi
     )
     props = {"width": WIDE - 160, "height": max(100, 24 * agg["batch_size"].nunique())}
     title = _title("Where the time goes: top operators by self time", "hover a bar for seconds per step")
-    if agg["run"].nunique() > 1:
-        return (
-            chart.properties(**props)
-            .facet(
-                row=alt.Row(
-                    "run:N", title=None, header=alt.Header(labelOrient="top", labelAnchor="start", labelLimit=500)
-                )
-            )
-            .properties(title=title)
-        )
-    return chart.properties(**props, title=title)
+    return _per_run(chart, props, title, many_runs=agg["run"].nunique() > 1)
 
 
 def benchmarks_chart(benchmarks: pd.DataFrame) -> alt.TopLevelMixin:
