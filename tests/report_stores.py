@@ -239,6 +239,26 @@ def make_store(
     return run.run_id
 
 
+XSS = "<script>alert(1)</script>"
+
+
+def make_full_store(store: Path) -> list[str]:
+    """Three runs in ``store``: a tuned GPU run with an OOM, a profile and a max-batch result; its AMP twin;
+    a CPU run whose workload name is a script injection. Returns the run ids."""
+    return [
+        make_store(
+            store,
+            tune=True,
+            oom_from=2048,
+            batch_sizes=(8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+            top_ops=True,
+            max_batch=True,
+        ),
+        make_store(store, amp="bf16", speed=1.6),
+        make_store(store, workload=XSS, device="cpu", seeds=2, batch_sizes=(8, 32, 128)),
+    ]
+
+
 def benchmark_json(path: Path) -> Path:
     doc = {
         "machine_info": {"node": "testhost", "processor": "x86_64", "python_version": "3.11.7"},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ref
-from report_stores import benchmark_json, make_store
+from report_stores import XSS, benchmark_json, make_full_store, make_store
 
 from bsprof.errors import BadInput
 from bsprof.report import charts, load_benchmark_json, report_data, write_report
@@ -32,7 +32,6 @@ ALL_CHARTS = {
     "chart-ops-ops",
     "chart-benchmarks-benchmarks",
 }
-XSS = "<script>alert(1)</script>"
 
 
 def chart_ids(html: str) -> set[str]:
@@ -64,18 +63,7 @@ def full(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
     """Three runs: tuned GPU run with OOM, profile and max-batch; an AMP twin; a CPU run named like an attack."""
     tmp = tmp_path_factory.mktemp("full")
     store = tmp / "s.db"
-    ids = [
-        make_store(
-            store,
-            tune=True,
-            oom_from=2048,
-            batch_sizes=(8, 16, 32, 64, 128, 256, 512, 1024, 2048),
-            top_ops=True,
-            max_batch=True,
-        ),
-        make_store(store, amp="bf16", speed=1.6),
-        make_store(store, workload=XSS, device="cpu", seeds=2, batch_sizes=(8, 32, 128)),
-    ]
+    ids = make_full_store(store)
     return render(store, tmp, ids, [benchmark_json(tmp / "bench.json")]), ids
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from browser_check import check_page, find_chromium
-from report_stores import benchmark_json, make_store
+from report_stores import benchmark_json, make_full_store, make_store
 
 from bsprof.report import write_report
 
@@ -20,18 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_full_report_renders_offline_without_errors(tmp_path: Path) -> None:
     store = tmp_path / "s.db"
-    ids = [
-        make_store(
-            store,
-            tune=True,
-            oom_from=2048,
-            batch_sizes=(8, 16, 32, 64, 128, 256, 512, 1024, 2048),
-            top_ops=True,
-            max_batch=True,
-        ),
-        make_store(store, amp="bf16", speed=1.6),
-        make_store(store, workload="<script>alert(1)</script>", device="cpu", seeds=2, batch_sizes=(8, 32, 128)),
-    ]
+    ids = make_full_store(store)
     out = tmp_path / "index.html"
     info = write_report(store, out, ids, [benchmark_json(tmp_path / "bench.json")])
 
