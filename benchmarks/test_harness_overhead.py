@@ -38,7 +38,7 @@ import pytest
 import torch
 from torch import nn
 
-from bsprof.engine.monitors import SamplerProcess
+from bsprof.engine.sampler_process import SamplerProcess
 from bsprof.engine.timing import TimingSettings
 from bsprof.engine.trial import EngineSettings, TrialSpec, run_throughput_trial
 from bsprof.workloads.digits import DigitsMLP, digits_splits

@@ -37,8 +37,9 @@ from typing import Any
 import pytest
 import torch
 
-from bsprof.engine.monitors import Monitor, NullGpu
+from bsprof.engine.monitors import Monitor
 from bsprof.engine.nvml import NvmlGpu, open_nvml_gpu
+from bsprof.engine.samplers import NullGpu
 from bsprof.engine.step import TrainingStep
 from bsprof.engine.timing import TimingSettings, time_steps
 from bsprof.workloads.digits import DigitsMLP
@@ -53,7 +54,7 @@ TIMING = TimingSettings(warmup_steps=5, warmup_s=0.02, min_time_s=0.25, min_step
 def _throughput(step: TrainingStep, monitor: Monitor) -> tuple[float, int]:
     with monitor.window() as window:
         times = time_steps(step, batch_size=BATCH, settings=TIMING)
-    return times.samples_per_s, window[0].samples
+    return times.samples_per_s, window.telemetry.samples
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ def test_throughput(benchmark: Any, bsprof: BsprofSession, throughput_batch_size
         round_times_s=round_times_s,
         iterations=ITERATIONS,
         warmup_steps=probe_steps + o.warmup_rounds * ITERATIONS,
-        telemetry=window[0],
+        telemetry=window.telemetry,
         started=started,
         duration_s=time.time() - started,
     )

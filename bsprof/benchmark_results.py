@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from bsprof.engine.monitors import Telemetry
+    from bsprof.engine.telemetry import Telemetry
     from bsprof.engine.trial import TrialResult, TrialSpec
 
 __all__ = ["convergence_extra_info", "throughput_extra_info", "throughput_result"]
@@ -126,7 +126,7 @@ def throughput_result(
     samples/s) apply unchanged, and the trial can be stored like a sweep's.
     """
     from bsprof.engine.device import device_name
-    from bsprof.engine.monitors import downsample_rows
+    from bsprof.engine.telemetry import downsample_rows
     from bsprof.engine.timing import StepTimes
     from bsprof.engine.trial import TrialResult, throughput_metrics
 

@@ -261,7 +261,7 @@ class BsprofSession:
     @property
     def settings(self) -> EngineSettings:
         """Engine settings of the trials (device; eager, full precision)."""
-        from bsprof.engine.monitors import SamplerProcess
+        from bsprof.engine.sampler_process import SamplerProcess
         from bsprof.engine.trial import EngineSettings
 
         if self.device is None:

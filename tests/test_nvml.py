@@ -18,7 +18,6 @@ from fake_nvml import (
     uuid,
 )
 
-from bsprof.engine.monitors import NullGpu
 from bsprof.engine.nvml import (
     ENERGY_COUNTER_MODULUS_MJ,
     NvmlError,
@@ -35,6 +34,7 @@ from bsprof.engine.nvml import (
     resolve_handle,
     throttle_reason_names,
 )
+from bsprof.engine.samplers import NullGpu
 
 
 def open_fake(fake: FakeNvml, index: int = 0, visible: str | None = None) -> NvmlGpu:

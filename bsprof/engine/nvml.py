@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bsprof.engine.monitors import NullGpu
+from bsprof.engine.samplers import NullGpu
 
 __all__ = [
     "ENERGY_COUNTER_MODULUS_MJ",
@@ -268,7 +268,7 @@ def resolve_handle(
 
 @dataclass
 class NvmlGpu:
-    """Samples one GPU through NVML (a :class:`~bsprof.engine.monitors.GpuSampler`).
+    """Samples one GPU through NVML (a :class:`~bsprof.engine.samplers.GpuSampler`).
 
     Build it with :func:`open_nvml_gpu`. Readings are SI (see the module table). Fields the GPU cannot
     give are missing from :meth:`sample`'s dict, with the reason in :attr:`field_reasons`.
@@ -365,7 +365,7 @@ class NvmlGpu:
 
     def child_spec(self) -> tuple[str, dict[str, Any]] | None:
         """``("bsprof.engine.nvml:open_nvml_gpu", kwargs)`` to open the same GPU in a sampler process
-        (:func:`bsprof.engine.monitors.child_spec`), or ``None`` when it cannot be reopened there."""
+        (:func:`bsprof.engine.sampler_process.child_spec`), or ``None`` when it cannot be reopened there."""
         return self.spec
 
     def close(self) -> None:
@@ -408,9 +408,9 @@ def open_nvml_gpu(
     """
     reopenable = nvml is None
     if nvml_factory is not None:
-        from bsprof.engine.monitors import _resolve
+        from bsprof.engine.sampler_process import resolve_factory
 
-        nvml = _resolve(nvml_factory)()
+        nvml = resolve_factory(nvml_factory)()
         reopenable = True
     if nvml is None:
         try:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from bsprof.engine.convergence import ConvergenceSettings, run_convergence_trial
 from bsprof.engine.lr import scaled_lr
-from bsprof.engine.monitors import SamplerProcess
+from bsprof.engine.sampler_process import SamplerProcess
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, run_throughput_trial
 from bsprof.environment import collect_environment
 

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bsprof.engine.device import device_name, synchronizer
-from bsprof.engine.monitors import GpuSampler, Monitor, NullGpu, Telemetry, downsample_rows, measured_gpu_metrics
+from bsprof.engine.monitors import Monitor
 from bsprof.engine.oom import free_memory, is_oom
+from bsprof.engine.samplers import GpuSampler, NullGpu
 from bsprof.engine.step import TrainingStep
+from bsprof.engine.telemetry import Telemetry, downsample_rows, measured_gpu_metrics
 from bsprof.engine.timing import StepTimes, TimingSettings, time_steps
 
 if TYPE_CHECKING:
@@ -302,7 +304,7 @@ def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSe
         expected = times.warmup_steps + times.measured_steps
         if step.steps_done != expected:
             raise RuntimeError(f"engine bug: {step.steps_done} steps ran, {expected} were timed")
-        telemetry = window[0]
+        telemetry = window.telemetry
         metrics, reasons = throughput_metrics(times, telemetry, device)
         flops, flops_reasons = _flops_metrics(workload, spec, settings, step, times)
         metrics.update(flops)
