@@ -45,8 +45,23 @@ def test_out_of_memory_error_can_be_constructed() -> None:
         RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"),
         RuntimeError("CUDA error: out of memory"),
         MemoryError(),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+        RuntimeError(
+            "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input."
+        ),
     ],
-    ids=["typed", "typed-no-message", "cpu-allocator", "mps", "cuda-error", "MemoryError"],
+    ids=[
+        "typed",
+        "typed-no-message",
+        "cpu-allocator",
+        "mps",
+        "cuda-error",
+        "MemoryError",
+        "cublas-alloc",
+        "cudnn-alloc",
+        "cudnn-not-supported",
+    ],
 )
 def test_is_oom_recognises(exc: BaseException) -> None:
     assert is_oom(exc)
@@ -72,7 +87,13 @@ def test_is_oom_walks_several_levels() -> None:
 
 @pytest.mark.parametrize(
     "exc",
-    [ValueError("shape mismatch"), RuntimeError("mat1 and mat2 shapes cannot be multiplied"), KeyError("x")],
+    [
+        ValueError("shape mismatch"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+        KeyError("x"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_INVALID_VALUE when calling `cublasSgemm`"),  # not an allocation
+        ValueError("CUDNN_STATUS_NOT_SUPPORTED"),  # the fallback only reads RuntimeErrors
+    ],
 )
 def test_is_oom_rejects_other_errors(exc: BaseException) -> None:
     assert not is_oom(exc)

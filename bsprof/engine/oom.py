@@ -4,7 +4,11 @@ The typed check comes first: :class:`torch.OutOfMemoryError` (CUDA, and other ac
 anywhere in the exception's ``__cause__`` / ``__context__`` chain, so an OOM re-wrapped by a compiled
 runtime is still found. The documented fallback for the CPU and MPS, which raise a plain
 ``RuntimeError``, is message matching against :data:`OOM_MESSAGES` (a failed host allocation says
-"DefaultCPUAllocator: can't allocate memory"), plus :class:`MemoryError` from Python itself.
+"DefaultCPUAllocator: can't allocate memory"), plus :class:`MemoryError` from Python itself. The same
+fallback catches the CUDA libraries' allocation failures, which torch raises as a plain ``RuntimeError``
+with the library's status: ``CUBLAS_STATUS_ALLOC_FAILED``, ``CUDNN_STATUS_ALLOC_FAILED``, and
+``CUDNN_STATUS_NOT_SUPPORTED``, which cuDNN reports when its workspace does not fit (Lightning's
+``is_oom_error`` and accelerate's ``should_reduce_batch_size`` treat it as out of memory too).
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ OOM_MESSAGES = (
     "cuda error: out of memory",
     "mps backend out of memory",
     "out of memory",
+    "cublas_status_alloc_failed",  # cuBLAS could not allocate its workspace
+    "cudnn_status_alloc_failed",
+    "cudnn_status_not_supported",  # cuDNN's answer when no algorithm fits the memory left
 )
+"""Lower-case substrings of a ``RuntimeError`` message that mean out of memory (the untyped fallback)."""
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
