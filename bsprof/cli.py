@@ -278,8 +278,10 @@ def build_parser() -> _Parser:
         "compare",
         help="regression gate: compare two benchmark results",
         description="Compare two pytest-benchmark JSON files (or two stores) benchmark by benchmark: step time "
-        "and steps-to-target. Exit 1 when one got worse by more than --fail-above and the one-sided Mann-Whitney "
-        "test says so at --alpha; 0 otherwise; 2 on bad input.",
+        "steps-to-target and peak memory. Exit 1 when one got worse by more than --fail-above and the one-sided "
+        "Mann-Whitney test says so at --alpha, when peak memory grew by more than --mem-fail-above, or when a "
+        "baseline benchmark is missing or out of memory in NEW; 0 otherwise; 2 on bad or corrupt input and on "
+        "results from a different torch/CUDA/device (unless --allow-env-mismatch).",
     )
     cp.add_argument("baseline", help="the reference: pytest-benchmark JSON (--benchmark-json) or a bsprof store")
     cp.add_argument("new", help="the results under test, of the same kind")
@@ -287,6 +289,14 @@ def build_parser() -> _Parser:
         "--fail-above", default="10%", metavar="X", help="regression threshold: 10%% or 0.1 (default: 10%%)"
     )
     cp.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
+    cp.add_argument(
+        "--mem-fail-above", default="10%", metavar="X", help="peak-memory growth that fails (default: 10%%)"
+    )
+    cp.add_argument(
+        "--allow-env-mismatch",
+        action="store_true",
+        help="compare results from a different torch/CUDA version or device (refused by default: exit 2)",
+    )
 
     fm = sub.add_parser(
         "find-max-batch",
@@ -310,7 +320,7 @@ def _version() -> str:
     return f"bsprof {__version__}"
 
 
-def parse_fraction(text: str) -> float:
+def parse_fraction(text: str, option: str = "--fail-above") -> float:
     """``10%`` or ``0.1`` -> 0.1. A bare number of 1 or more is refused as ambiguous (write ``150%``).
 
     Raises:
@@ -321,11 +331,11 @@ def parse_fraction(text: str) -> float:
     try:
         value = float(t[:-1] if percent else t)
     except ValueError:
-        raise BadInput(f"--fail-above {text!r}: expected e.g. 10% or 0.1") from None
+        raise BadInput(f"{option} {text!r}: expected e.g. 10% or 0.1") from None
     if not math.isfinite(value) or value < 0:
-        raise BadInput(f"--fail-above {text!r}: must be a finite number >= 0")
+        raise BadInput(f"{option} {text!r}: must be a finite number >= 0")
     if not percent and value >= 1:
-        raise BadInput(f"--fail-above {text!r}: ambiguous; write {value:g}% or {value / 100:g}")
+        raise BadInput(f"{option} {text!r}: ambiguous; write {value:g}% or {value / 100:g}")
     return value / 100 if percent else value
 
 

@@ -263,19 +263,29 @@ def cmd_find_max_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """``bsprof compare``: 1 on a significant regression beyond the threshold, else 0."""
+    """``bsprof compare``: 1 when a comparison fails the gate (regression, missing or OOM benchmark), else 0."""
     from bsprof.cli import parse_fraction
     from bsprof.compare import compare_paths
     from bsprof.console import print_comparison
 
     threshold = parse_fraction(args.fail_above)
-    comparisons, warnings = compare_paths(args.baseline, args.new, threshold=threshold, alpha=args.alpha)
-    print_comparison(comparisons, threshold=threshold, alpha=args.alpha)
+    mem_threshold = parse_fraction(args.mem_fail_above, option="--mem-fail-above")
+    comparisons, warnings = compare_paths(
+        args.baseline,
+        args.new,
+        threshold=threshold,
+        alpha=args.alpha,
+        mem_threshold=mem_threshold,
+        allow_env_mismatch=args.allow_env_mismatch,
+    )
+    print_comparison(comparisons, threshold=threshold, alpha=args.alpha, mem_threshold=mem_threshold)
     for w in warnings:
         print(f"bsprof compare: warning: {w}", file=sys.stderr)
-    regressions = [c for c in comparisons if c.verdict == "regression"]
-    if regressions:
-        print(f"bsprof compare: {len(regressions)} regression(s), first: {regressions[0].name}", file=sys.stderr)
+    failed = [c for c in comparisons if c.failed]
+    if failed:
+        print(
+            f"bsprof compare: {len(failed)} failure(s), first: {failed[0].name} ({failed[0].verdict})", file=sys.stderr
+        )
         return 1
     print(f"bsprof compare: no regression in {len(comparisons)} comparison(s)")
     return 0

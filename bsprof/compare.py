@@ -1,70 +1,77 @@
 """Regression comparison of two benchmark results: the nightly gate.
 
-Inputs are two pytest-benchmark JSON files (``--benchmark-json``) or two bsprof stores. For each benchmark
-present in both, two quantities are compared where available:
+Inputs are two pytest-benchmark JSON files (``--benchmark-json``, read by :mod:`bsprof.benchmark_json`) or two
+bsprof stores. For each benchmark of the baseline:
 
-* **time per step** (throughput): the per-round times in ``stats["data"]`` (written by pytest-benchmark with
-  ``--benchmark-save-data``) or ``extra_info["step_times_s"]`` (written by ``benchmarks/test_throughput.py``);
-  for stores, the per-step times of every timed block of the latest run's throughput trials;
-* **steps-to-target** (convergence): one value per seed, ``extra_info["steps_to_target_per_seed"]``; a seed
-  that missed the target counts as infinitely many steps.
+* **time per step** (throughput): the per-round times in ``stats["data"]`` (``--benchmark-save-data``) or
+  ``extra_info["step_times_s"]``; for stores, the per-step times of every timed block of the latest run's
+  throughput trials. Compared on the **minimum** over rounds: interference on a shared host only *adds*
+  time, so the fastest rounds are the best estimate of what the code costs (Chen & Revels 2016; README,
+  "Regression gate", has the measurements behind this choice);
+* **steps-to-target** (convergence): one value per seed, ``extra_info["steps_to_target_per_seed"]``, a seed
+  that missed the target counting as infinitely many steps; compared on the **median** over seeds;
+* **peak memory** (``peak_mem_bytes``): one figure per benchmark; growth beyond its own threshold fails;
+* **status**: a benchmark measured in the baseline but missing from the new result, or ``oom``/``error``
+  there, fails the gate.
 
-The change is measured on a robust location of each sample: for step times the **minimum** over rounds, for
-steps-to-target the **median** over seeds. Interference on a shared host only ever *adds* time to a step
-(another process on the core, a stolen time slice), so the fastest rounds are the best estimate of what the
-code costs (Chen & Revels 2016, *Robust benchmarking in noisy environments*; pytest-benchmark's own gate is
-typically ``--benchmark-compare-fail=min:5%``). On this project's shared 2-core CI host, over 10 reruns of
-unchanged code at the CPU defaults, a gate on medians failed 7 times and a gate on minima 2 times (whole
-one-second windows at half speed), while an injected 20% slowdown moved every minimum by 16% or more. The
-price: a regression that slows only some steps (say, an extra allocation every tenth step) moves the median
-but not the minimum; the rank test below still sees it, but the gate needs both. Seeds differ in both
-directions, so steps-to-target uses the median.
-
-A change counts as a **regression** only when that statistic got worse by more than the threshold *and* the
-difference is significant: a one-sided Mann-Whitney U test (the rank test asv uses when it has samples;
-``scipy.stats.mannwhitneyu``) of "new is worse than baseline" gives p < ``alpha``. Both conditions are
-needed: on a noisy shared machine a large drift between two runs is common (the threshold alone cries wolf on
-few rounds), and with hundreds of rounds a tiny real shift is "significant" (the test alone flags 1%
-changes). Rounds of one run are not independent draws (a busy spell slows a stretch of them), so the p-value
-of many rounds is optimistic; the threshold is what keeps such drifts from failing the gate.
+A step-time or steps-to-target change counts as a **regression** only when that statistic got worse by more
+than the threshold *and* a one-sided Mann-Whitney U test (the rank test asv uses;
+``scipy.stats.mannwhitneyu``) of "new is worse than baseline" gives p < ``alpha``: the threshold alone cries
+wolf on a noisy host, the test alone flags 1% shifts over hundreds of rounds.
 
 Small samples are tested exactly: when there are at most :data:`EXACT_LIMIT` ways to split the pooled values
 into the two groups, the p-value comes from enumerating all of them (``scipy.stats.PermutationMethod``), which
-stays exact when values tie (steps-to-target often does); larger samples use the normal approximation with
-the tie correction. With n seeds per side the smallest attainable p is therefore 1 / C(2n, n): 3 vs 3 seeds
-can never reach p < 0.05 (the best is 1/20 = 0.05), so steps-to-target needs at least 4 seeds per side
-(1/70) to ever be flagged, and a benchmark compared on one value per side never is.
+stays exact when values tie; larger samples use the normal approximation with the tie correction. With n
+seeds per side the smallest attainable p is 1 / C(2n, n): 3 vs 3 seeds can never reach p < 0.05.
+
+Provenance: results whose torch or CUDA version or device differ are refused (:class:`BadInput`, exit 2)
+unless explicitly allowed; different hosts, thread counts or configuration hashes are warned about. Corrupt or
+non-finite figures are :class:`BadInput`: the gate never fails open.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bsprof.benchmark_json import finite_numbers
 from bsprof.errors import BadInput
 
 __all__ = [
+    "ENVIRONMENT_KEYS",
     "EXACT_LIMIT",
     "METRICS",
+    "MISSED",
+    "PASSING",
     "STATISTICS",
     "Comparison",
+    "Result",
     "compare_paths",
     "compare_samples",
-    "load_samples",
+    "environment_mismatch",
+    "load_result",
     "p_worse",
 ]
 
 Samples = dict[tuple[str, str], list[float]]  # (benchmark name, metric) -> values (lower is better)
 
-METRICS = ("step_time_s", "steps_to_target")
-"""Compared quantities; lower is better for both."""
+METRICS = ("step_time_s", "steps_to_target", "peak_mem_bytes")
+"""Compared quantities; lower is better for all."""
 
-STATISTICS = {"step_time_s": "min", "steps_to_target": "median"}
+STATISTICS = {"step_time_s": "min", "steps_to_target": "median", "peak_mem_bytes": "max"}
 """The statistic whose relative change is held against the threshold, per metric."""
+
+PASSING = ("unchanged", "improvement", "not significant")
+"""Verdicts that pass the gate; any other (``regression``, ``missing``, ``oom``, ``error``) fails it."""
+
+MISSED = ("budget_exhausted", "diverged")
+"""Trial statuses that mean "missed the target": judged through steps-to-target, not a failed benchmark."""
+
+ENVIRONMENT_KEYS = ("torch_version", "cuda_version")
+"""Provenance that must match (besides each benchmark's device) for step times to be comparable."""
 
 EXACT_LIMIT = 20_000
 """Largest number of group assignments enumerated for an exact p-value (C(16, 8) = 12,870 fits)."""
@@ -78,15 +85,16 @@ class Comparison:
 
     Attributes:
         name: Benchmark name (pytest-benchmark fullname, or ``workload-B<batch>`` for stores).
-        metric: ``step_time_s`` or ``steps_to_target`` (lower is better for both).
-        statistic: ``min`` (step times) or ``median`` (steps-to-target): see :data:`STATISTICS`.
+        metric: ``step_time_s``, ``steps_to_target``, ``peak_mem_bytes`` (lower is better for all), or
+            ``status`` for a baseline benchmark missing or failed in the new result.
+        statistic: ``min`` (step times), ``median`` (steps-to-target), ``max`` (peak memory) or ``status``.
         base, new: That statistic of the two samples.
         change: new / base - 1 (positive = worse; ``inf`` when the new median seed missed the target).
         p_value: One-sided Mann-Whitney U p-value of "new is better" for a speed-up beyond the threshold,
             else of "new is worse"; ``nan`` with fewer than two values on a side or all values equal.
         n_base, n_new: Sample sizes.
         verdict: ``regression``, ``improvement``, ``unchanged`` (within threshold) or ``not significant``
-            (beyond the threshold, but p >= alpha).
+            (beyond the threshold, but p >= alpha); ``missing`` / ``oom`` / ``error`` for a status comparison.
     """
 
     name: str
@@ -99,6 +107,11 @@ class Comparison:
     n_base: int
     n_new: int
     verdict: str
+
+    @property
+    def failed(self) -> bool:
+        """Whether this comparison fails the gate (a regression, or a benchmark missing or failed in new)."""
+        return self.verdict not in PASSING
 
 
 def _location(values: list[float], statistic: str) -> float:
@@ -157,86 +170,131 @@ def compare_samples(
     return ("improvement" if p < alpha else "not significant"), change, p
 
 
-def _numbers(values: list[Any], where: str) -> list[float]:
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise BadInput(f"{where}: {v!r} is not a number")
-        out.append(float(v))
-    return out
+@dataclass(frozen=True)
+class Result:
+    """One input of a comparison, as read: samples, per-benchmark status and peak memory, and its provenance.
+
+    Attributes:
+        samples: Values per (benchmark, metric), lower is better.
+        status: Per benchmark: ``ok`` when any of its trials (or the benchmark itself) measured, else the
+            status its trials ended with (``oom``...).
+        peak_mem_bytes: Largest peak memory per benchmark, where measured.
+        machine: A summary of the host (compared for a warning only).
+        devices: Device name per benchmark.
+        environment: ``torch_version``, ``cuda_version`` (``None`` where unknown): compared strictly.
+        threads: torch CPU threads, where recorded.
+        config_hash: Hash of the run's configuration, where recorded.
+    """
+
+    samples: Samples
+    status: dict[str, str]
+    peak_mem_bytes: dict[str, float]
+    machine: dict[str, Any]
+    devices: dict[str, str]
+    environment: dict[str, str | None]
+    threads: str | None = None
+    config_hash: str | None = None
 
 
-def _load_benchmark_json(path: Path) -> tuple[Samples, dict[str, Any]]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise BadInput(f"{path} is not a text file") from None
-    except OSError as e:
-        raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
-        raise BadInput(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks' list)")
+def _from_benchmark_json(path: Path) -> Result:
+    from bsprof.benchmark_json import read_benchmark_json
+
+    doc = read_benchmark_json(path)  # validates every figure: corrupt or non-finite input is BadInput
     samples: Samples = {}
+    status: dict[str, str] = {}
+    peak: dict[str, float] = {}
     devices: dict[str, str] = {}
-    for i, bench in enumerate(doc["benchmarks"]):
-        if not isinstance(bench, dict) or "name" not in bench or not isinstance(bench.get("stats"), dict):
-            raise BadInput(f"{path}: benchmark #{i} lacks 'name' or 'stats'")
-        name = str(bench.get("fullname") or bench["name"])
-        stats = bench["stats"]
-        extra = bench.get("extra_info") if isinstance(bench.get("extra_info"), dict) else {}
+    threads: set[str] = set()
+    for bench in doc.benchmarks:
+        name, extra = bench.fullname, bench.extra_info
+        status[name] = _status({str(extra.get("status") or "ok")})
         if extra.get("device_name") or extra.get("device"):
             devices[name] = str(extra.get("device_name") or extra.get("device"))
-        steps = extra.get("steps_to_target_per_seed")
-        if isinstance(steps, list) and steps:
-            where = f"{path}: {name}: extra_info.steps_to_target_per_seed"
-            samples[(name, "steps_to_target")] = _numbers([math.inf if s is None else s for s in steps], where)
+        if extra.get("peak_mem_bytes") is not None:
+            peak[name] = float(extra["peak_mem_bytes"])
+        if extra.get("threads") is not None:
+            threads.add(str(int(extra["threads"])))
+        if status[name] != "ok":
             continue
-        data, where = stats.get("data"), f"{path}: {name}: stats.data"
-        if not (isinstance(data, list) and data):
-            data, where = extra.get("step_times_s"), f"{path}: {name}: extra_info.step_times_s"
-        if isinstance(data, list) and data:
-            samples[(name, "step_time_s")] = _numbers(data, where)
-        elif "median" in stats:
-            samples[(name, "step_time_s")] = _numbers([stats["median"]], f"{path}: {name}: stats.median")
-    machine = doc.get("machine_info") if isinstance(doc.get("machine_info"), dict) else {}
+        steps = extra.get("steps_to_target_per_seed")
+        if steps:
+            samples[(name, "steps_to_target")] = [math.inf if s is None else float(s) for s in steps]
+            continue
+        data = list(bench.data) or [float(t) for t in extra.get("step_times_s") or []]
+        if not data and math.isfinite(bench.stats["median"]):
+            data = [bench.stats["median"]]
+        if not data:
+            raise BadInput(f"{path}: {name}: no step times (stats.data, extra_info.step_times_s or stats.median)")
+        samples[(name, "step_time_s")] = data
+    machine = doc.machine_info
     cpu = machine.get("cpu") if isinstance(machine.get("cpu"), dict) else {}
     summary = {k: machine.get(k) for k in _MACHINE_KEYS} | {"cpu": cpu.get("brand_raw")}
-    return samples, {"machine": summary, "devices": devices}
+    info = machine.get("bsprof") if isinstance(machine.get("bsprof"), dict) else {}
+    env = {k: (str(info[k]) if info.get(k) is not None else None) for k in ENVIRONMENT_KEYS}
+    if info.get("threads") is not None:
+        threads.add(str(info["threads"]))
+    cfg = info.get("config_hash")
+    return Result(samples, status, peak, summary, devices, env, _joined(threads), str(cfg) if cfg else None)
 
 
-def _load_store(path: Path) -> tuple[Samples, dict[str, Any]]:
+def _status(statuses: set[str]) -> str:
+    """A benchmark's status from its trials': ``ok`` when one measured or the rest only missed the target
+    (judged by steps-to-target), else the failures (``oom``, ``error``)."""
+    failed = statuses - {"ok", *MISSED}
+    return ",".join(sorted(failed)) if failed and "ok" not in statuses else "ok"
+
+
+def _joined(values: set[str]) -> str | None:
+    return ",".join(sorted(values)) if values else None
+
+
+def _from_store(path: Path) -> Result:
     from bsprof.store import Store
 
     samples: Samples = {}
+    statuses: dict[str, set[str]] = {}
+    peak: dict[str, float] = {}
     devices: dict[str, str] = {}
     with Store(path) as store:
         run_ids = store.latest_run_ids()
-        envs = {r: store.run(r).environment for r in run_ids}
+        runs = [store.run(r) for r in run_ids]
         for row in store.trial_rows(run_ids):
             name = f"{row['workload']}-B{row['batch_size']}"
             devices[name] = str(row.get("device_name") or row.get("device"))
-            if row["kind"] == "throughput" and row["status"] == "ok":
+            statuses.setdefault(name, set()).add(str(row["status"]))
+            if row["status"] != "ok":
+                continue
+            if row.get("peak_mem_bytes") is not None:
+                peak[name] = max(peak.get(name, 0.0), float(row["peak_mem_bytes"]))
+            if row["kind"] == "throughput":
                 st = row.get("step_times") or {}
                 blocks, per_block = st.get("block_times_s"), st.get("steps_per_block")
-                if blocks and per_block:
-                    values = [float(t) / per_block for t in blocks]
-                else:
-                    values = [float(row["step_time_s"])]
+                where = f"{path}: {name}: step times"
+                values = (
+                    [float(t) / per_block for t in finite_numbers(blocks, where)]  # type: ignore[operator]
+                    if blocks and per_block
+                    else [float(finite_numbers([row["step_time_s"]], where)[0])]  # type: ignore[arg-type]
+                )
                 samples.setdefault((name, "step_time_s"), []).extend(values)
-            elif row["kind"] == "convergence" and row.get("phase", "main") in ("main", "final"):
+        for row in store.trial_rows(run_ids):  # steps-to-target: a seed that missed counts as infinity
+            if row["kind"] == "convergence" and row.get("phase", "main") in ("main", "final"):
+                name = f"{row['workload']}-B{row['batch_size']}"
                 steps = row.get("steps_to_target") if row["status"] == "ok" else None
                 samples.setdefault((name, "steps_to_target"), []).append(math.inf if steps is None else float(steps))
-    machine = {e.get("hostname"): e.get("device_name") for e in envs.values()}
-    return samples, {"machine": machine, "devices": devices}
+    status = {n: _status(s) for n, s in statuses.items()}
+    envs = [r.environment for r in runs]
+    env = {k: _joined({str(e[k]) for e in envs if e.get(k) is not None}) for k in ENVIRONMENT_KEYS}
+    threads = _joined({str(e["torch_num_threads"]) for e in envs if e.get("torch_num_threads") is not None})
+    machine = {e.get("hostname"): e.get("device_name") for e in envs}
+    cfg = _joined({r.config_hash for r in runs})
+    return Result(samples, status, peak, machine, devices, env, threads, cfg)
 
 
-def load_samples(path: str | Path) -> tuple[Samples, dict[str, Any]]:
-    """Samples per (benchmark, metric) from a pytest-benchmark JSON file or a bsprof store, and where they
-    were measured (``machine``: a summary of the host; ``devices``: device name per benchmark).
+def load_result(path: str | Path) -> Result:
+    """Read a pytest-benchmark JSON file or a bsprof store (its latest run per workload) for comparison.
 
     Raises:
-        BadInput: A missing or unreadable file, or one in neither format.
+        BadInput: A missing or unreadable file, one in neither format, or a figure that is not a finite number.
     """
     p = Path(path)
     if not p.exists():
@@ -246,44 +304,109 @@ def load_samples(path: str | Path) -> tuple[Samples, dict[str, Any]]:
     with p.open("rb") as f:
         head = f.read(16)
     if head.startswith(b"SQLite format 3"):
-        return _load_store(p)
-    return _load_benchmark_json(p)
+        return _from_store(p)
+    return _from_benchmark_json(p)
+
+
+def environment_mismatch(base: Result, new: Result) -> str | None:
+    """One line naming what differs in torch/CUDA version or device between two results, or ``None``.
+
+    A field unknown on either side is not a mismatch (older files do not record it).
+    """
+    diffs = []
+    for key in ENVIRONMENT_KEYS:
+        a, b = base.environment.get(key), new.environment.get(key)
+        if a is not None and b is not None and a != b:
+            diffs.append(f"{key.replace('_', ' ')} {a} vs {b}")
+    moved = sorted(n for n, d in base.devices.items() if n in new.devices and new.devices[n] != d)
+    if moved:
+        diffs.append(f"device {base.devices[moved[0]]} vs {new.devices[moved[0]]} ({len(moved)} benchmark(s))")
+    return "; ".join(diffs) or None
+
+
+def _status_failures(base: Result, new: Result) -> list[Comparison]:
+    out = []
+    for name, st in base.status.items():
+        if st != "ok":
+            continue
+        verdict = "missing" if name not in new.status else ("ok" if new.status[name] == "ok" else "failed")
+        if verdict == "ok":
+            continue
+        note = "missing" if verdict == "missing" else new.status[name]
+        out.append(Comparison(name, "status", "status", math.nan, math.nan, math.nan, math.nan, 0, 0, note))
+    return out
+
+
+def _memory(base: Result, new: Result, threshold: float) -> list[Comparison]:
+    out = []
+    for name, b in base.peak_mem_bytes.items():
+        n = new.peak_mem_bytes.get(name)
+        if n is None or b <= 0 or new.status.get(name) != "ok":
+            continue
+        change = n / b - 1
+        verdict = "regression" if change > threshold else ("improvement" if change < -threshold else "unchanged")
+        out.append(Comparison(name, "peak_mem_bytes", "max", b, n, change, math.nan, 1, 1, verdict))
+    return out
 
 
 def compare_paths(
-    baseline: str | Path, new: str | Path, *, threshold: float = 0.10, alpha: float = 0.05
+    baseline: str | Path,
+    new: str | Path,
+    *,
+    threshold: float = 0.10,
+    alpha: float = 0.05,
+    mem_threshold: float = 0.10,
+    allow_env_mismatch: bool = False,
 ) -> tuple[list[Comparison], list[str]]:
-    """Compare every benchmark present in both inputs; returns the comparisons and warnings.
+    """Compare every benchmark of the baseline with the new result; returns the comparisons and warnings.
+
+    A benchmark that measured in the baseline but is missing from the new result, or ended ``oom`` (or any
+    other failure) there, is a comparison with verdict ``missing`` / ``oom``: a failure (see :data:`FAILING`).
+    Peak memory is compared where both measured it: a growth beyond ``mem_threshold`` is a ``regression``.
 
     Args:
         baseline: The reference results (a pytest-benchmark JSON file or a bsprof store).
         new: The results under test, of the same kind.
-        threshold: Relative change of the median that may count as a regression (0.10 = 10%).
+        threshold: Relative change of the compared statistic (minimum step time, median steps-to-target)
+            that may count as a regression (0.10 = 10%).
         alpha: Significance level of the one-sided test.
+        mem_threshold: Relative growth of peak memory that is a regression (0.10 = 10%).
+        allow_env_mismatch: Compare results whose torch/CUDA version or device differ (stated as a warning)
+            instead of refusing.
 
     Raises:
-        BadInput: Unreadable inputs, bad threshold or alpha, or no benchmark in common.
+        BadInput: Unreadable, corrupt or non-finite inputs, bad thresholds or alpha, no benchmark in common,
+            or results from a different torch/CUDA/device without ``allow_env_mismatch``.
     """
-    if not (threshold >= 0 and math.isfinite(threshold)):
-        raise BadInput(f"threshold must be a finite number >= 0, got {threshold}")
+    for label, value in (("threshold", threshold), ("memory threshold", mem_threshold)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise BadInput(f"{label} must be a finite number >= 0, got {value}")
     if not 0 < alpha < 1:
         raise BadInput(f"alpha must be in (0, 1), got {alpha}")
-    base_s, base_meta = load_samples(baseline)
-    new_s, new_meta = load_samples(new)
-    common = [k for k in base_s if k in new_s]  # in the baseline's order (pytest's: by batch size)
-    if not common:
-        raise BadInput(f"{baseline} and {new} have no benchmark in common: nothing to compare")
+    base_r, new_r = load_result(baseline), load_result(new)
     warnings = []
-    if base_meta["machine"] != new_meta["machine"]:
+    mismatch = environment_mismatch(base_r, new_r)
+    if mismatch and not allow_env_mismatch:
+        raise BadInput(f"refusing to compare results from different environments ({mismatch}); "
+                       "pass --allow-env-mismatch to compare anyway")  # fmt: skip
+    if mismatch:
+        warnings.append(f"different environments ({mismatch}): differences may not be regressions")
+    base_s, new_s = base_r.samples, new_r.samples
+    common = [k for k in base_s if k in new_s]  # in the baseline's order (pytest's: by batch size)
+    failures = _status_failures(base_r, new_r)
+    if not set(base_r.status) & set(new_r.status):  # nothing shared: a wrong file, not a night that lost all
+        raise BadInput(f"{baseline} and {new} have no benchmark in common: nothing to compare")
+    if base_r.machine != new_r.machine:
         warnings.append("the two inputs come from different machines: differences may not be regressions")
-    moved = sorted(
-        n for n, _ in common if n in base_meta["devices"] and base_meta["devices"][n] != new_meta["devices"].get(n)
-    )
-    if moved:
-        warnings.append(f"{len(set(moved))} benchmark(s) ran on different devices, e.g. {moved[0]}")
-    only = sorted({k[0] for k in set(base_s) ^ set(new_s)})
-    if only:
-        warnings.append(f"{len(only)} benchmark(s) present in only one input were skipped: {', '.join(only[:5])}")
+    if base_r.threads and new_r.threads and base_r.threads != new_r.threads:
+        warnings.append(f"torch threads differ ({base_r.threads} vs {new_r.threads}): step times are not comparable")
+    if base_r.config_hash and new_r.config_hash and base_r.config_hash != new_r.config_hash:
+        warnings.append(f"configurations differ (hash {base_r.config_hash[:12]} vs {new_r.config_hash[:12]})")
+    only_new = sorted({n for n in new_r.status if n not in base_r.status})
+    if only_new:
+        warnings.append(
+            f"{len(only_new)} benchmark(s) only in the new result are not compared: {', '.join(only_new[:5])}"
+        )
     single = sorted(n for n, m in common if min(len(base_s[(n, m)]), len(new_s[(n, m)])) < 2)
     if single:
         warnings.append(
@@ -298,4 +421,4 @@ def compare_paths(
         out.append(
             Comparison(name, metric, stat, _location(b, stat), _location(n, stat), change, p, len(b), len(n), verdict)
         )
-    return out, warnings
+    return [*failures, *out, *_memory(base_r, new_r, mem_threshold)], warnings

@@ -212,8 +212,13 @@ def _change_text(c: Any) -> str:
     return text
 
 
-def print_comparison(comparisons: list[Any], *, threshold: float, alpha: float, width: int = 160) -> None:
-    """Print ``bsprof compare``'s table: per benchmark and metric, both medians, the change, p and the verdict."""
+_METRIC_LABELS = {"step_time_s": "step time", "steps_to_target": "steps to target", "peak_mem_bytes": "peak memory"}
+
+
+def print_comparison(
+    comparisons: list[Any], *, threshold: float, alpha: float, mem_threshold: float | None = None, width: int = 160
+) -> None:
+    """Print ``bsprof compare``'s table: per benchmark and metric, both statistics, the change, p and the verdict."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -223,11 +228,15 @@ def print_comparison(comparisons: list[Any], *, threshold: float, alpha: float, 
             return "missed"
         if metric == "step_time_s":
             return _num(v * 1e3, "{:.4g} ms")
+        if metric == "peak_mem_bytes":
+            return format_bytes(v)
         return _num(v, "{:,.0f}" if float(v).is_integer() else "{:,.1f}")
 
     colour = {"regression": "red", "improvement": "green", "not significant": "yellow"}
+    mem = f"; peak memory: grows by > {mem_threshold:.0%}" if mem_threshold is not None else ""
     t = Table(
-        title=f"bsprof compare (regression: worse by > {threshold:.0%} and one-sided Mann-Whitney U p < {alpha:g})"
+        title=f"bsprof compare (regression: worse by > {threshold:.0%} and one-sided Mann-Whitney U p < {alpha:g}"
+        f"{mem}; a baseline benchmark missing or out of memory fails)"
     )
     names = [c.name.split("::")[-1] for c in comparisons]
     name_width = max([len("benchmark"), *map(len, names)])
@@ -238,10 +247,13 @@ def print_comparison(comparisons: list[Any], *, threshold: float, alpha: float, 
             min_width=name_width if head == "benchmark" else None,
         )
     for c, name in zip(comparisons, names):
-        verdict = f"[{colour[c.verdict]}]{c.verdict}[/]" if c.verdict in colour else c.verdict
+        verdict = f"[{colour.get(c.verdict, 'red')}]{c.verdict}[/]" if c.verdict != "unchanged" else c.verdict
+        if c.metric == "status":
+            t.add_row(escape(name), "status", "ok", c.verdict, "", "", "", verdict)
+            continue
         t.add_row(
             escape(name),
-            f"{'step time' if c.metric == 'step_time_s' else 'steps to target'} ({c.statistic})",
+            f"{_METRIC_LABELS.get(c.metric, c.metric)} ({c.statistic})",
             value(c.metric, c.base),
             value(c.metric, c.new),
             _change_text(c),

@@ -412,6 +412,25 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         del config.stash[_KEY]
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """Record what ``bsprof compare`` checks before comparing two results: torch/CUDA versions, threads and
+    the configuration hash (``machine_info["bsprof"]``)."""
+    session = config.stash.get(_KEY, None)
+    if session is None or session.device is None:
+        return
+    import torch
+
+    from bsprof.store import config_hash
+
+    machine_info["bsprof"] = {
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "threads": session.torch_threads,
+        "config_hash": config_hash(session._run_config()),
+    }
+
+
 def pytest_report_header(config: pytest.Config) -> str | None:
     session = config.stash.get(_KEY, None)
     if session is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, CliResult, cli_command, cli_env
+from conftest import REPO, CliResult, cli_command, cli_env, run_cli_subprocess
 
 from bsprof.cli import parse_fraction
 from bsprof.compare import compare_paths, compare_samples, p_worse
@@ -127,7 +127,7 @@ def test_a_20_percent_slowdown_over_many_rounds_fails(pair: Callable[..., tuple[
     r = cli("compare", base, new, "--fail-above", "10%")
     assert r.code == 1, r.out + r.err
     assert "regression" in r.out and "+20" in r.out
-    assert "1 regression(s)" in r.err
+    assert "1 failure(s)" in r.err and "(regression)" in r.err
 
 
 def test_an_unchanged_rerun_passes(pair: Callable[..., tuple[Path, Path]], cli: Any) -> None:
@@ -240,9 +240,121 @@ def test_exit_codes_of_the_real_command(pair: Callable[..., tuple[Path, Path]], 
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "Traceback" not in run.stderr
 
 
-def test_compare_paths_returns_warnings_for_one_sided_benchmarks(tmp_path: Path) -> None:
-    base = _write(tmp_path / "a.json", _bench("t", _rounds(1e-4, 50, 1)), _bench("only-here", [1.0, 1.1]))
-    new = _write(tmp_path / "b.json", _bench("t", _rounds(1e-4, 50, 2)))
+def test_compare_paths_warns_about_benchmarks_only_in_the_new_result(tmp_path: Path) -> None:
+    base = _write(tmp_path / "a.json", _bench("t", _rounds(1e-4, 50, 1)))
+    new = _write(tmp_path / "b.json", _bench("t", _rounds(1e-4, 50, 2)), _bench("only-here", [1.0, 1.1]))
     comparisons, warnings = compare_paths(base, new)
     assert [c.name for c in comparisons] == ["benchmarks/test_x.py::t"]
-    assert any("present in only one input" in w for w in warnings)
+    assert not any(c.failed for c in comparisons)
+    assert any("only in the new result" in w for w in warnings)
+
+
+# --- issue 9.5: what fails the gate, and what it refuses ---------------------------------------------------
+
+
+def _with(bench: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {**bench, "extra_info": {**bench["extra_info"], **extra}}
+
+
+def _gate_case(case: str, tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
+    """A baseline and a new JSON file (step times unchanged) that differ only in what ``case`` names."""
+    t = _bench("test_throughput[w-B8]", _rounds(1e-4, 60, 1))
+    t2 = _bench("test_throughput[w-B16]", _rounds(2e-4, 60, 1))
+    same_t, same_t2 = _bench(t["name"], _rounds(1e-4, 60, 2)), _bench(t2["name"], _rounds(2e-4, 60, 2))
+    env = {**MACHINE, "bsprof": {"torch_version": "2.5.1", "cuda_version": "12.4", "threads": 1,
+                                 "config_hash": "abc"}}  # fmt: skip
+    base = [_with(t, peak_mem_bytes=1_000_000), _with(t2, peak_mem_bytes=2_000_000)]
+    new = [_with(same_t, peak_mem_bytes=1_000_000), _with(same_t2, peak_mem_bytes=2_000_000)]
+    new_env, args = env, ()
+    if case == "missing":
+        new = new[:1]  # B=16 ran out of memory: pytest skipped it, so it is absent from the JSON
+    elif case == "oom":
+        new[1] = _with(new[1], status="oom")
+    elif case == "memory":
+        new[1] = _with(new[1], peak_mem_bytes=2_300_000)  # +15% > 10%
+    elif case == "memory-allowed":
+        new[1] = _with(new[1], peak_mem_bytes=2_300_000)
+        args = ("--mem-fail-above", "20%")
+    elif case in ("torch", "torch-allowed"):
+        new_env = {**env, "bsprof": {**env["bsprof"], "torch_version": "2.6.0"}}
+        args = ("--allow-env-mismatch",) if case == "torch-allowed" else ()
+    elif case == "gpu":
+        new = [_with(b, device_name="NVIDIA A100-SXM4-80GB") for b in new]
+    elif case == "nan":
+        new[0]["stats"]["data"] = [math.nan, *new[0]["stats"]["data"][1:]]
+    elif case == "malformed":
+        new[0] = {"name": t["name"], "fullname": t["fullname"], "stats": {"min": "fast", "median": 1e-4},
+                  "extra_info": {"step_times_s": "oops"}}  # fmt: skip
+    elif case == "threads":
+        new_env = {**env, "bsprof": {**env["bsprof"], "threads": 2}}
+    return (
+        _write(tmp_path / "base.json", *base, machine=env),
+        _write(tmp_path / "new.json", *new, machine=new_env),
+        args,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("unchanged", 0, "no regression"),
+        ("missing", 1, "test_throughput[w-B16] (missing)"),
+        ("oom", 1, "test_throughput[w-B16] (oom)"),
+        ("memory", 1, "test_throughput[w-B16] (regression)"),
+        ("memory-allowed", 0, "no regression"),
+        ("torch", 2, "torch version 2.5.1 vs 2.6.0"),
+        ("torch-allowed", 0, "different environments (torch version 2.5.1 vs 2.6.0)"),
+        ("gpu", 2, "device cpu vs NVIDIA A100-SXM4-80GB"),
+        ("nan", 2, "stats.data: nan is not a finite number"),
+        ("malformed", 2, "stats.min: 'fast' is not a number"),
+        ("threads", 0, "torch threads differ (1 vs 2)"),
+    ],
+)
+def test_the_gate_fails_on_missing_oom_and_memory_and_refuses_bad_or_foreign_input(
+    tmp_path: Path, case: str, code: int, message: str
+) -> None:
+    base, new, args = _gate_case(case, tmp_path)
+    run = run_cli_subprocess("compare", base, new, *args, timeout=60)
+    assert run.returncode == code, run.stdout + run.stderr
+    assert message in run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    if code == 2:
+        assert len(run.stderr.strip().splitlines()) == 1 and run.stdout == ""
+
+
+def test_a_store_whose_batch_size_ran_out_of_memory_fails(tmp_path: Path, cli: Any) -> None:
+    def store(path: Path, oom_at_16: bool, peak_16: int = 2_000_000) -> Path:
+        with Store(path, create=True) as st:
+            run = st.open_run("w", {"x": 1}, {"hostname": "ci", "device_name": "cpu", "torch_version": "2.5.1"})
+            for b in (8, 16):
+                for seed in range(3):
+                    spec = TrialSpec("w", "throughput", b, seed, 0.1)
+                    if b == 16 and oom_at_16:
+                        st.add_trial(run.run_id, TrialResult(spec, "oom", "cpu", "cpu", {}))
+                        continue
+                    times = StepTimes(tuple(_rounds(b * 1e-3, 20, seed)), 10, 8)
+                    metrics = {"step_time_s": times.median_s, "samples_per_s": times.samples_per_s,
+                               "peak_mem_bytes": 1_000_000 if b == 8 else peak_16}  # fmt: skip
+                    st.add_trial(run.run_id, TrialResult(spec, "ok", "cpu", "cpu", metrics, step_times=times))
+        return path
+
+    base = store(tmp_path / "a.db", False)
+    assert cli("compare", base, store(tmp_path / "b.db", False)).code == 0
+    r = cli("compare", base, store(tmp_path / "c.db", True))
+    assert r.code == 1 and "w-B16 (oom)" in r.err
+    r = cli("compare", base, store(tmp_path / "d.db", False, peak_16=3_000_000))
+    assert r.code == 1 and "w-B16 (regression)" in r.err and "peak memory" in r.out
+
+
+def test_a_store_from_another_torch_is_refused(tmp_path: Path, cli: Any) -> None:
+    def store(path: Path, torch_version: str) -> Path:
+        with Store(path, create=True) as st:
+            run = st.open_run("w", {"x": 1}, {"hostname": "ci", "device_name": "cpu", "torch_version": torch_version})
+            times = StepTimes(tuple(_rounds(1e-2, 20, 0)), 10, 8)
+            spec = TrialSpec("w", "throughput", 8, 0, 0.1)
+            metrics = {"step_time_s": times.median_s, "samples_per_s": times.samples_per_s}
+            st.add_trial(run.run_id, TrialResult(spec, "ok", "cpu", "cpu", metrics, step_times=times))
+        return path
+
+    r = cli("compare", store(tmp_path / "a.db", "2.5.1"), store(tmp_path / "b.db", "2.6.0"))
+    assert r.code == 2 and len(r.err_lines) == 1 and "torch version 2.5.1 vs 2.6.0" in r.err

@@ -431,61 +431,43 @@ def _max_batch(results: list[dict[str, Any]], wanted: set[tuple[str, str]]) -> p
 
 # --- pytest-benchmark ----------------------------------------------------------------------------------------
 
-_STATS = ("min", "max", "mean", "median", "q1", "q3", "iqr", "stddev", "rounds")
-
 
 def load_benchmark_json(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """Rows of pytest-benchmark ``--benchmark-json`` files: one per benchmark.
+    """Rows of pytest-benchmark ``--benchmark-json`` files (read by :mod:`bsprof.benchmark_json`): one per benchmark.
 
     Returns:
         Columns ``file, group, name, fullname, min, max, mean, median, q1, q3, iqr, stddev, rounds``
         (seconds per round), ``extra_info`` (JSON text), ``machine`` and ``datetime``.
 
     Raises:
-        BadInput: A file that is missing, not JSON, or not in pytest-benchmark's format.
+        BadInput: A file that is missing, not JSON, not in pytest-benchmark's format, or without a median.
     """
     import pandas as pd
 
+    from bsprof.benchmark_json import STATS, read_benchmark_json
+
     rows = []
     for p in paths:
-        path = Path(p)
-        where = f"--benchmark-json {path}"
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BadInput(f"{where}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise BadInput(f"{where}: cannot read it ({e})") from None
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
-            raise BadInput(f"{where}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
-        machine = doc.get("machine_info") if isinstance(doc.get("machine_info"), dict) else {}
-        for i, b in enumerate(doc["benchmarks"]):
-            stats = b.get("stats") if isinstance(b, dict) else None
-            if not isinstance(stats, dict) or not isinstance(b.get("name"), str):
-                raise BadInput(f"{where}: benchmark #{i} has no 'name' or no 'stats'")
-            row: dict[str, Any] = {
-                "file": path.name,
-                "group": b.get("group") if isinstance(b.get("group"), str) else None,
-                "name": b["name"],
-                "fullname": b.get("fullname") if isinstance(b.get("fullname"), str) else b["name"],
-            }
-            for key in _STATS:
-                v = stats.get(key)
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    raise BadInput(f"{where}: benchmark {b['name']!r}: stats.{key} is not a number")
-                row[key] = float(v) if v is not None else math.nan
-            if math.isnan(row["median"]):
-                raise BadInput(f"{where}: benchmark {b['name']!r} has no stats.median")
-            if math.isnan(row["iqr"]) and not (math.isnan(row["q1"]) or math.isnan(row["q3"])):
-                row["iqr"] = row["q3"] - row["q1"]
-            extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
+        where = f"--benchmark-json {p}"
+        doc = read_benchmark_json(p, label=where)
+        host = " ".join(str(doc.machine_info.get(k, "")) for k in ("node", "processor", "python_version")).strip()
+        for b in doc.benchmarks:
+            if math.isnan(b.stats["median"]):
+                raise BadInput(f"{where}: benchmark {b.name!r} has no stats.median")
             # Long series (e.g. ``step_times_s``, one value per round) are summarised: the table shows figures.
-            extra = {k: f"[{len(v)} values]" if isinstance(v, list) and len(v) > 12 else v for k, v in extra.items()}
-            row["extra_info"] = json.dumps(extra, sort_keys=True, default=str) if extra else ""
-            row["machine"] = " ".join(str(machine.get(k, "")) for k in ("node", "processor", "python_version")).strip()
-            row["datetime"] = str(doc.get("datetime", ""))
-            rows.append(row)
-    cols = ["file", "group", "name", "fullname", *_STATS, "extra_info", "machine", "datetime"]
+            extra = {k: f"[{len(v)} values]" if isinstance(v, list) and len(v) > 12 else v
+                     for k, v in b.extra_info.items()}  # fmt: skip
+            rows.append(
+                {
+                    "file": doc.path.name,
+                    "group": b.group,
+                    "name": b.name,
+                    "fullname": b.fullname,
+                    **b.stats,
+                    "extra_info": json.dumps(extra, sort_keys=True, default=str) if extra else "",
+                    "machine": host,
+                    "datetime": doc.datetime,
+                }
+            )
+    cols = ["file", "group", "name", "fullname", *STATS, "extra_info", "machine", "datetime"]
     return pd.DataFrame(rows, columns=cols)
