@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,17 +20,18 @@ if TYPE_CHECKING:
 __all__ = [
     "MAXIMAL_SLOPE",
     "PERFECT_SLOPE",
+    "Fits",
     "NoiseScaleFit",
-    "Recommendation",
     "add_scaling",
+    "convergence_analysis",
     "convergence_table",
+    "fit_groups",
     "fit_steps_model",
-    "pareto_front",
-    "recommend",
+    "median_to_target",
     "regime_of",
     "reported_convergence",
     "throughput_table",
-    "tradeoff_table",
+    "to_target_values",
 ]
 
 
@@ -126,6 +127,33 @@ def reported_convergence(trials: pd.DataFrame) -> pd.DataFrame:
     return conv
 
 
+def to_target_values(values: Iterable[Any], reached: Iterable[bool] | None = None) -> np.ndarray:
+    """Per-seed figures to target as floats, a seed that missed the target as ``inf`` (AlgoPerf / MLPerf).
+
+    Args:
+        values: Steps, samples or seconds to target per seed; ``None`` or NaN for a seed that missed it.
+        reached: Whether each seed reached the target (default: every seed with a value).
+    """
+    out = np.array([_as_float(x) for x in values], dtype=float)
+    if reached is not None:
+        out = np.where(np.asarray(list(reached), dtype=bool), out, np.inf)
+    return np.where(np.isnan(out), np.inf, out)
+
+
+def _as_float(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):  # None, pandas' NA
+        return math.nan
+
+
+def median_to_target(values: Iterable[Any], reached: Iterable[bool] | None = None) -> float:
+    """The median over seeds of a figure to target, a seed that missed counting as infinitely slow: ``inf``
+    when half or more of the seeds missed, NaN with no seed. The one definition every part of bsprof uses."""
+    v = to_target_values(values, reached)
+    return float(np.median(v)) if len(v) else math.nan
+
+
 def _bootstrap_median_ci(values: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
     import numpy as np
 
@@ -139,8 +167,17 @@ def _bootstrap_median_ci(values: np.ndarray, rng: np.random.Generator, n_boot: i
     return float(lo), float(hi)
 
 
+Fits = dict[tuple[str, str], "NoiseScaleFit | None"]
+"""Noise-scale fit per (workload, device); ``None`` where fewer than two batch sizes reached the target."""
+
+
 def convergence_table(trials: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Per (workload, device, batch size): steps-, samples- and time-to-target across seeds.
+    """The table of :func:`convergence_analysis` (its fits dropped)."""
+    return convergence_analysis(trials, n_boot=n_boot, seed=seed)[0]
+
+
+def convergence_analysis(trials: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, Fits]:
+    """Per (workload, device, batch size): steps-, samples- and time-to-target across seeds, and the fits.
 
     A seed that missed the target (any status but ``ok``) counts as infinitely slow (the AlgoPerf /
     MLPerf convention): the median is ``inf`` when half or more of the seeds failed.
@@ -151,7 +188,10 @@ def convergence_table(trials: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0
         ``_ci_high`` (bootstrap 95% CI of the median), plus ``statuses`` (counts of non-ok statuses),
         ``final_train_metric`` and ``final_val_metric`` (medians), ``generalization_gap``
         (train - validation metric), ``epochs_to_target`` (median), ``bracket_rel_width`` (largest
-        (steps - bracket) / steps over the seeds) and ``target_fallbacks`` (total).
+        (steps - bracket) / steps over the seeds), ``target_fallbacks`` (total), ``train_step_time_s`` with
+        ``train_step_time_p25_s`` / ``_p75_s`` (the convergence trials' own training seconds per step, over
+        the seeds that reached the target), and the columns of :func:`add_scaling`. The fits are
+        :func:`fit_steps_model` per (workload, device), each computed once.
     """
     import numpy as np
     import pandas as pd
@@ -172,8 +212,7 @@ def convergence_table(trials: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0
             "statuses": ", ".join(f"{s}: {n}" for s, n in g.loc[~ok, "status"].value_counts().items()),
         }
         for col in _TO_TARGET:
-            vals = np.where(ok, pd.to_numeric(g[col], errors="coerce").astype(float), np.inf)
-            vals = np.where(np.isnan(vals), np.inf, vals)
+            vals = to_target_values(pd.to_numeric(g[col], errors="coerce"), reached=ok)
             row[col] = float(np.median(vals)) if len(vals) else math.nan
             row[f"{col}_ci_low"], row[f"{col}_ci_high"] = _bootstrap_median_ci(vals, rng, n_boot)
         for col in ("final_train_metric", "final_val_metric", "epochs_to_target"):
@@ -185,6 +224,11 @@ def convergence_table(trials: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0
             row["bracket_rel_width"] = float(((s - br) / s).max())
         else:
             row["bracket_rel_width"] = math.nan
+        per_step = (pd.to_numeric(g.loc[ok, "time_to_target_s"], errors="coerce")
+                    / pd.to_numeric(g.loc[ok, "steps_to_target"], errors="coerce")).astype(float).dropna()  # fmt: skip
+        row["train_step_time_s"] = float(per_step.median()) if len(per_step) else math.nan
+        row["train_step_time_p25_s"] = _q(per_step, 0.25)
+        row["train_step_time_p75_s"] = _q(per_step, 0.75)
         row["target_fallbacks"] = (
             int(pd.to_numeric(g["target_fallbacks"], errors="coerce").fillna(0).sum())
             if "target_fallbacks" in g.columns
@@ -195,12 +239,25 @@ def convergence_table(trials: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0
     for col in _TO_TARGET:
         cols += [col, f"{col}_ci_low", f"{col}_ci_high"]
     cols += ["final_train_metric", "final_val_metric", "generalization_gap", "epochs_to_target",
-             "bracket_rel_width", "target_fallbacks"]  # fmt: skip
+             "bracket_rel_width", "target_fallbacks", "train_step_time_s", "train_step_time_p25_s",
+             "train_step_time_p75_s"]  # fmt: skip
     table = pd.DataFrame(rows, columns=cols)
-    return add_scaling(table)
+    fits = fit_groups(table)
+    return add_scaling(table, fits), fits
 
 
-def add_scaling(table: pd.DataFrame) -> pd.DataFrame:
+def fit_groups(table: pd.DataFrame) -> Fits:
+    """:func:`fit_steps_model` of each (workload, device) of a convergence table, on its finite medians."""
+    fits: Fits = {}
+    for (workload, device), g in table.groupby(["workload", "device"], sort=True):
+        finite = g[np.isfinite(g["steps_to_target"].astype(float))]
+        fits[(workload, device)] = (
+            fit_steps_model(finite["batch_size"], finite["steps_to_target"]) if len(finite) else None
+        )
+    return fits
+
+
+def add_scaling(table: pd.DataFrame, fits: Fits) -> pd.DataFrame:
     """Add scaling efficiency, slopes, the noise-scale fit's prediction and a regime per batch size.
 
     Columns added: ``scaling_efficiency`` E(B) = S(B0)·B0 / (S(B)·B) against the smallest batch size B0
@@ -214,7 +271,7 @@ def add_scaling(table: pd.DataFrame) -> pd.DataFrame:
         table[col] = math.nan
     table["regime"] = None
     table["regime_source"] = None
-    for _, g in table.groupby(["workload", "device"], sort=False):
+    for key, g in table.groupby(["workload", "device"], sort=False):
         finite = g[np.isfinite(g["steps_to_target"].astype(float))] if len(g) else g
         if finite.empty:
             continue
@@ -226,7 +283,7 @@ def add_scaling(table: pd.DataFrame) -> pd.DataFrame:
                 np.log(finite["batch_size"].astype(float))
             )
             table.loc[idx[1:], "local_slope"] = slopes
-        fit = fit_steps_model(finite["batch_size"], finite["steps_to_target"])
+        fit = fits.get(key)
         if fit is not None and fit.constrained:
             bs = g["batch_size"].astype(float)
             table.loc[g.index, "model_slope"] = fit.b_noise / (bs + fit.b_noise)
@@ -327,88 +384,3 @@ def fit_steps_model(batch_sizes: Sequence[float], steps: Sequence[float]) -> Noi
     elif not (b.min() / 4 <= b_noise <= 4 * b.max()):
         reason = f"B_noise {b_noise:.3g} lies outside the swept batch sizes"
     return NoiseScaleFit(s_min, b_noise, e_min, s_min_se, b_noise_se, e_min_se, len(b), reason is None, reason)
-
-
-def tradeoff_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """Both halves side by side per (workload, device, batch size).
-
-    Wall-clock-to-target is estimated as median steps-to-target × median throughput step time
-    (``wallclock_to_target_s``), which is less noisy than the convergence trials' own training seconds
-    (``time_to_target_s``, also kept). Energy-to-target is samples-to-target × energy per sample where
-    the throughput trials measured energy.
-    """
-    conv = convergence_table(trials)
-    tp = throughput_table(trials)
-    keys = ["workload", "device", "batch_size"]
-    tp_cols = [*keys, "samples_per_s", "samples_per_s_p25", "samples_per_s_p75", "step_time_s", "step_time_iqr_s",
-               "peak_mem_bytes", "trials", "ok", "status"]  # fmt: skip
-    if "energy_per_sample_j" in trials.columns:
-        e = trials[(trials["kind"] == "throughput") & (trials["status"] == "ok")]
-        energy = e.groupby(keys)["energy_per_sample_j"].median().rename("energy_per_sample_j").reset_index()
-        tp = tp.merge(energy, on=keys, how="left")
-        tp_cols.append("energy_per_sample_j")
-    renamed = {"status": "throughput_status", "trials": "throughput_trials", "ok": "throughput_ok"}
-    merged = conv.merge(tp[tp_cols].rename(columns=renamed), on=keys, how="outer")
-    merged = merged.sort_values(keys).reset_index(drop=True)
-    merged["wallclock_to_target_s"] = merged["steps_to_target"] * merged["step_time_s"]
-    if "energy_per_sample_j" in merged.columns:
-        merged["energy_to_target_j"] = merged["samples_to_target"] * merged["energy_per_sample_j"]
-    return merged
-
-
-def pareto_front(table: pd.DataFrame, x: str, y: str) -> pd.Series:
-    """Boolean mask of the rows not dominated in (``x``, ``y``), both minimised; non-finite rows are False."""
-    import numpy as np
-
-    xs = table[x].astype(float).to_numpy()
-    ys = table[y].astype(float).to_numpy()
-    ok = np.isfinite(xs) & np.isfinite(ys)
-    mask = []
-    for i in range(len(xs)):
-        if not ok[i]:
-            mask.append(False)
-            continue
-        dominated = ok & (xs <= xs[i]) & (ys <= ys[i]) & ((xs < xs[i]) | (ys < ys[i]))
-        mask.append(not dominated.any())
-    import pandas as pd
-
-    return pd.Series(mask, index=table.index)
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """The batch sizes that minimise each cost, for one (workload, device)."""
-
-    workload: str
-    device: str
-    fastest_wallclock: int | None
-    fewest_samples: int | None
-    least_energy: int | None
-    fit: NoiseScaleFit | None
-    lr_rule: str | None = None
-    warnings: tuple[str, ...] = ()
-
-
-def recommend(trials: pd.DataFrame, lr_rule: str | None = None) -> list[Recommendation]:
-    """Per (workload, device): the batch size with the lowest wall-clock-to-target, the one with the fewest
-    samples-to-target, the one with the least energy-to-target (where measured), and the noise-scale fit."""
-    table = tradeoff_table(trials)
-    out = []
-    for (workload, device), g in table.groupby(["workload", "device"], sort=True):
-
-        def argmin(col: str, g: pd.DataFrame = g) -> int | None:
-            if col not in g.columns:
-                return None
-            v = g[col].astype(float)
-            v = v[np.isfinite(v)]
-            return int(g.loc[v.idxmin(), "batch_size"]) if len(v) else None
-
-        conv = g[np.isfinite(g["steps_to_target"].astype(float))]
-        fit = fit_steps_model(conv["batch_size"], conv["steps_to_target"]) if len(conv) else None
-        warnings = []
-        if lr_rule == "fixed":
-            warnings.append("LR rule 'fixed': one LR at every batch size makes large batches look worse than "
-                            "they are (Shallue et al. 2018); use --lr-rule linear or --tune-lr")  # fmt: skip
-        out.append(Recommendation(workload, device, argmin("wallclock_to_target_s"), argmin("samples_to_target"),
-                                  argmin("energy_to_target_j"), fit, lr_rule, tuple(warnings)))  # fmt: skip
-    return out

@@ -9,7 +9,6 @@ with a ``<field>_reason`` key saying why, never zero.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -68,9 +67,11 @@ def throughput_extra_info(
 
 def _median_or_none(values: Sequence[float | None]) -> float | None:
     """Median with a missed target counting as infinitely many (AlgoPerf); ``None`` when that median is infinite."""
+    from bsprof import analysis
+
     if not values:
         return None
-    m = statistics.median([math.inf if v is None else float(v) for v in values])
+    m = analysis.median_to_target(values)
     return None if math.isinf(m) else m
 
 

@@ -32,11 +32,11 @@ non-finite figures are :class:`BadInput`: the gate never fails open.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bsprof.analysis import median_to_target
 from bsprof.benchmark_json import finite_numbers
 from bsprof.errors import BadInput
 
@@ -117,7 +117,9 @@ class Comparison:
 def _location(values: list[float], statistic: str) -> float:
     if not values:
         return math.nan
-    return min(values) if statistic == "min" else statistics.median(values)
+    if statistic == "min":
+        return min(values)
+    return median_to_target(values) if statistic == "median" else max(values)
 
 
 def p_worse(base: list[float], new: list[float]) -> float:

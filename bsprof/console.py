@@ -126,7 +126,7 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
     from rich.console import Console
     from rich.table import Table
 
-    from bsprof.analysis import recommend, tradeoff_table
+    from bsprof.analyze import analyze
     from bsprof.export import trials_frame
 
     # On a terminal rich fits the table to its width; in a log file, one line per batch size.
@@ -137,7 +137,8 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
         if trials.empty:
             console.print(f"run {run_id}: no trials stored")
             continue
-        table = tradeoff_table(trials)
+        a = analyze(trials, run.config.get("lr_rule"))  # every derived table, computed once
+        table = a.tradeoff
         heads = ["batch", "samples/s [p25–p75]", "step time ± IQR", "peak mem", "steps→target [95% CI]",
                  "samples→target", "wall-clock→target", "reached", "E(B)", "regime", "val/train metric",
                  "status"]  # fmt: skip
@@ -178,7 +179,14 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
         for row in rows:
             t.add_row(*(row[i] for i in keep))
         console.print(t)
-        for rec in recommend(trials, run.config.get("lr_rule")):
+        disagree = table[table["time_estimate_disagrees"].astype(bool)]
+        if len(disagree):
+            ratios = ", ".join(f"B={int(r.batch_size)} {r.time_to_target_ratio:.2f}x" for r in disagree.itertuples())
+            console.print(
+                "[yellow]note:[/yellow] the convergence trials' own training time to target differs from the estimate "
+                f"(steps to target x throughput step time) by more than their noise: measured/estimate {ratios}"
+            )
+        for rec in a.recommendations:
             if rec.fit is not None and math.isfinite(rec.fit.b_noise):
                 f = rec.fit
                 flag = "" if f.constrained else f"  (not constrained: {f.reason})"

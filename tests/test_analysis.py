@@ -13,12 +13,11 @@ from bsprof.analysis import (
     PERFECT_SLOPE,
     convergence_table,
     fit_steps_model,
-    pareto_front,
-    recommend,
+    median_to_target,
     regime_of,
     throughput_table,
-    tradeoff_table,
 )
+from bsprof.analyze import analyze, gap_trend, lr_tuning_table, pareto_front
 
 
 def conv_rows(spec: dict[int, list[float | None]], *, workload: str = "w", phase: str = "main") -> list[dict]:
@@ -90,7 +89,7 @@ def test_single_batch_size_sweep():
     assert len(t) == 1 and t.loc[0, "scaling_efficiency"] == 1.0
     assert t.loc[0, "regime"] is None  # one point says nothing about scaling
     assert fit_steps_model([64], [31]) is None
-    rec = recommend(trials)[0]
+    rec = analyze(trials).recommendations[0]
     assert rec.fastest_wallclock == 64 and rec.fewest_samples == 64 and rec.fit is None
 
 
@@ -155,9 +154,10 @@ def test_tradeoff_wallclock_is_steps_times_step_time_and_recommendations():
         conv_rows({8: [100] * 3, 16: [60] * 3, 32: [50] * 3})
         + tp_rows({8: [800.0], 16: [1600.0], 32: [1600.0]})  # step times 10 ms, 10 ms, 20 ms
     )
-    t = tradeoff_table(trials)
+    a = analyze(trials, "fixed")
+    t = a.tradeoff
     assert list(t["wallclock_to_target_s"].round(6)) == [1.0, 0.6, 1.0]
-    rec = recommend(trials, "fixed")[0]
+    rec = a.recommendations[0]
     assert rec.fastest_wallclock == 16 and rec.fewest_samples == 8
     assert rec.least_energy is None  # no energy measured
     assert any("fixed" in w for w in rec.warnings)
@@ -166,3 +166,91 @@ def test_tradeoff_wallclock_is_steps_times_step_time_and_recommendations():
 def test_pareto_front():
     df = pd.DataFrame({"t": [1.0, 2.0, 3.0, 1.5, math.inf], "s": [5.0, 3.0, 1.0, 6.0, 0.5]})
     assert list(pareto_front(df, "t", "s")) == [True, True, True, False, False]
+
+
+# --- one definition of "a missed target counts as infinity" (issue 10.2) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "reached", "median"),
+    [
+        ([10, 20, 30], None, 20.0),
+        ([10, None, 30], None, 30.0),  # one of three missed: the median is the slower reached seed
+        ([10, None, None], None, math.inf),  # two of three missed: the median seed missed
+        ([10, 20, float("nan"), None], None, math.inf),  # half missed
+        ([10, 20, 30], [True, False, True], 30.0),  # a value stored for a seed that did not reach: ignored
+        ([], None, math.nan),
+        (pd.array([5, pd.NA, 7], dtype="Int64"), None, 7.0),
+    ],
+)
+def test_median_to_target(values, reached, median):
+    got = median_to_target(values, reached)
+    assert (math.isnan(got) and math.isnan(median)) or got == median
+
+
+def test_the_convergence_table_and_lr_tuning_use_it():
+    t = convergence_table(pd.DataFrame(conv_rows({8: [100, None, 110], 16: [None, None, 40]})))
+    assert list(t["steps_to_target"]) == [median_to_target([100, None, 110]), math.inf]
+    rows = conv_rows({8: [100, None, 110]}, phase="tune") + [
+        {**r, "lr": 0.2} for r in conv_rows({8: [None, None, 90]}, phase="tune")
+    ] + [{**r, "lr": 0.1, "seed": 10 + r["seed"]} for r in conv_rows({8: [95]}, phase="final")]  # fmt: skip
+    lr = lr_tuning_table(pd.DataFrame(rows))
+    assert list(lr["lr"]) == [0.1, 0.2]
+    assert list(lr["steps_to_target"]) == [110.0, math.inf]
+    assert list(lr["chosen"]) == [True, False] and list(lr["best"]) == [True, False]
+    assert not lr["best_on_edge"].any()  # a 2-LR grid has no inside
+
+
+def test_sweep_and_benchmark_results_call_the_same_median(monkeypatch):
+    """engine.sweep.choose_lr and the benchmark suite's extra_info go through analysis.median_to_target."""
+    from bsprof import analysis
+    from bsprof.benchmark_results import convergence_extra_info
+    from bsprof.engine.sweep import choose_lr
+    from bsprof.engine.trial import TrialResult, TrialSpec
+
+    calls = []
+    real = analysis.median_to_target
+    monkeypatch.setattr(analysis, "median_to_target", lambda *a, **k: calls.append(a) or real(*a, **k))
+    rows = [{"kind": "convergence", "phase": "tune", "batch_size": 8, "lr": lr, "steps_to_target": s,
+             "status": "ok" if s else "budget_exhausted"}
+            for lr, s in ((0.1, 50), (0.1, None), (0.1, 60), (0.2, 40), (0.2, 45), (0.4, None), (0.4, 10))]  # fmt: skip
+    assert choose_lr(rows, 8) == 0.2  # 0.4's median seed missed (inf), 0.1's median is 60
+    assert len(calls) == 3
+    results = [
+        TrialResult(TrialSpec("w", "convergence", 8, seed, 0.1), status, "cpu", "cpu", metrics)
+        for seed, (status, metrics) in enumerate(
+            [
+                ("ok", {"steps_to_target": 30, "reached_target": True}),
+                ("budget_exhausted", {}),
+                ("budget_exhausted", {}),
+            ]
+        )
+    ]
+    info = convergence_extra_info(results, target=0.9)
+    assert info["steps_to_target_median"] is None and len(calls) == 6  # steps, samples, seconds
+
+
+# --- measured against estimated time to target (issue 9.6) ------------------------------------------------------
+
+
+def test_measured_time_to_target_beside_the_estimate_and_their_disagreement():
+    # Convergence trials' own step time: 1 ms per step (time_to_target_s = steps * 0.001). Throughput: B=8 at
+    # 8,000 samples/s (1 ms per step, agrees), B=16 at 4,000 samples/s (4 ms per step, 4x: disagrees).
+    trials = pd.DataFrame(
+        conv_rows({8: [100, 110, 120], 16: [60, 62, 64]}) + tp_rows({8: [8000.0] * 3, 16: [4000.0] * 3})
+    )
+    t = analyze(trials).tradeoff.set_index("batch_size")
+    assert t.loc[8, "time_to_target_s"] == pytest.approx(0.11) and t.loc[8, "wallclock_to_target_s"] == pytest.approx(
+        0.11
+    )
+    assert t.loc[16, "time_to_target_ratio"] == pytest.approx(0.25)
+    assert list(t["time_estimate_disagrees"]) == [False, True]
+
+
+def test_gap_trend_is_spearman_rho_of_the_gap():
+    rows = []
+    for b, train in ((8, 0.95), (16, 0.96), (32, 0.98), (64, 0.99)):
+        rows += [{**r, "final_train_metric": train} for r in conv_rows({b: [100, 100, 100]})]
+    g = gap_trend(convergence_table(pd.DataFrame(rows))).iloc[0]
+    assert g["rho"] == pytest.approx(1.0) and g["trend"] == "grows"
+    assert (g["min_gap_batch_size"], g["max_gap_batch_size"]) == (8, 64)

@@ -208,22 +208,24 @@ def test_fixed_lr_rule_is_warned(tmp_path):
 
 
 def test_charts_accept_plain_analysis_frames(tmp_path):
-    """The notebook API: the export frame through bsprof.analysis straight into the chart functions."""
+    """The notebook API: the export frame through bsprof.analyze.analyze straight into the chart functions."""
     import altair as alt
 
     from bsprof import trials_frame
-    from bsprof.analysis import convergence_table, throughput_table, tradeoff_table
+    from bsprof.analysis import throughput_table
+    from bsprof.analyze import analyze
 
     store = tmp_path / "s.db"
     make_store(store, batch_sizes=(8, 16, 32, 64))
     trials = trials_frame(store)
+    a = analyze(trials)
     made = [
-        charts.throughput_chart(throughput_table(trials)),
-        charts.memory_chart(throughput_table(trials)),
-        charts.steps_to_target_chart(convergence_table(trials)),
-        charts.to_target_chart(tradeoff_table(trials)),
-        charts.pareto_chart(tradeoff_table(trials)),
-        charts.headline_chart(tradeoff_table(trials)),
+        charts.throughput_chart(a.throughput),
+        charts.memory_chart(a.throughput),
+        charts.steps_to_target_chart(a.convergence),
+        charts.to_target_chart(a.tradeoff),
+        charts.pareto_chart(a.tradeoff),
+        charts.headline_chart(a.tradeoff),
     ]
     for c in made:
         assert isinstance(c, alt.TopLevelMixin)
@@ -315,3 +317,37 @@ def test_sweep_report_renders_at_the_end(cli, tmp_path):
     assert r.code == 0, r.err
     assert f"report: {out}" in r.out
     assert "chart-throughput-throughput" in out.read_text()
+
+
+def test_one_report_data_call_runs_each_analysis_function_once_per_run(tmp_path, monkeypatch):
+    """Issue 10.3: the report only encodes analysis; nothing is recomputed (counting spies)."""
+    from collections import Counter
+
+    from bsprof import analysis, analyze
+    from bsprof.report import write_report
+
+    calls: Counter[str] = Counter()
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    for name in ("throughput_table", "convergence_analysis", "fit_steps_model", "_bootstrap_median_ci"):
+        spy(analysis, name)
+    for name in ("analyze", "tradeoff_table", "pareto_front", "recommend", "gpu_table", "lr_tuning_table",
+                 "gap_trend", "final_state_table", "operator_shares"):  # fmt: skip
+        spy(analyze, name)
+    store = tmp_path / "s.db"
+    make_store(store, batch_sizes=(8, 16, 32, 64), tune=True, top_ops=True)  # one run, one (workload, device)
+    info = write_report(store, tmp_path / "index.html")
+    assert info.charts >= 9
+    once = ("analyze", "throughput_table", "convergence_analysis", "fit_steps_model", "tradeoff_table", "recommend",
+            "gpu_table", "lr_tuning_table", "gap_trend", "final_state_table", "operator_shares")  # fmt: skip
+    assert {n: calls[n] for n in once} == dict.fromkeys(once, 1)
+    assert calls["pareto_front"] in (1, 2)  # time vs samples, and time vs energy where measured
+    assert calls["_bootstrap_median_ci"] == 4 * 3  # 4 batch sizes x (steps, samples, seconds), once each

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -127,12 +126,13 @@ def plan_trials(config: SweepConfig, workload: Workload, phase: str = "main") ->
 def choose_lr(rows: list[dict[str, Any]], batch_size: int) -> float | None:
     """The tuning LR with the lowest median steps-to-target at ``batch_size`` (a missed target counts as
     infinitely many steps); ``None`` when no LR reached the target with a finite median."""
-    by_lr: dict[float, list[float]] = {}
+    from bsprof import analysis
+
+    by_lr: dict[float, list[float | None]] = {}
     for r in rows:
         if r["kind"] == "convergence" and r.get("phase") == "tune" and r["batch_size"] == batch_size:
-            steps = r.get("steps_to_target") if r["status"] == "ok" else None
-            by_lr.setdefault(r["lr"], []).append(float(steps) if steps is not None else math.inf)
-    medians = {lr: statistics.median(v) for lr, v in by_lr.items() if v}
+            by_lr.setdefault(r["lr"], []).append(r.get("steps_to_target") if r["status"] == "ok" else None)
+    medians = {lr: analysis.median_to_target(v) for lr, v in by_lr.items() if v}
     finite = {lr: m for lr, m in medians.items() if math.isfinite(m)}
     if not finite:
         return None

@@ -253,7 +253,8 @@ def top_operators_chart(top_ops: pd.DataFrame, top: int = 9) -> alt.TopLevelMixi
     batch size (the rest folded into "other").
 
     Args:
-        top_ops: Rows ``run, batch_size, name, self_s_per_step`` (as :attr:`ReportData.top_ops`).
+        top_ops: Rows ``run, batch_size, name, self_s_per_step, share_pct`` (as :attr:`ReportData.top_ops`;
+            the shares come from :func:`bsprof.analyze.operator_shares`).
         top: Operators named (the others are summed as "other"; 9 + other fill the 10 colours).
     """
     alt = _alt()
@@ -264,14 +265,10 @@ def top_operators_chart(top_ops: pd.DataFrame, top: int = 9) -> alt.TopLevelMixi
         raise ValueError("no operator times")
     # Rank operators by their share summed over batch sizes, so that one heavy at small batches (the optimizer
     # step, say) is named even though the big batches' absolute times dwarf it.
-    t["share"] = t["self_s_per_step"] / t.groupby(["run", "batch_size"])["self_s_per_step"].transform("sum")
-    rank = t.groupby("name")["share"].sum().sort_values(ascending=False)
+    rank = t.groupby("name")["share_pct"].sum().sort_values(ascending=False)
     heavy = set(rank.index[:top])
     t["op"] = np.where(t["name"].isin(heavy), t["name"], "other")
-    agg = t.groupby(["run", "batch_size", "op"], as_index=False)["self_s_per_step"].sum()
-    agg["share_pct"] = (
-        100 * agg["self_s_per_step"] / agg.groupby(["run", "batch_size"])["self_s_per_step"].transform("sum")
-    )
+    agg = t.groupby(["run", "batch_size", "op"], as_index=False)[["self_s_per_step", "share_pct"]].sum()
     unit, scale = _time_unit(agg["self_s_per_step"])
     agg["self_time"] = agg["self_s_per_step"] * scale
     order = [*[n for n in rank.index if n in heavy], "other"]

@@ -21,7 +21,7 @@ from bsprof.errors import BadInput
 if TYPE_CHECKING:
     import pandas as pd
 
-    from bsprof.analysis import Recommendation
+    from bsprof.analyze import Recommendation
     from bsprof.store import Store
 
 __all__ = ["CURVE_POINTS_TOTAL", "ReportData", "RunInfo", "load_benchmark_json", "report_data"]
@@ -31,7 +31,6 @@ CURVE_POINTS_TOTAL = 24_000
 bounds the page's size for big stores."""
 
 CURVE_POINTS_PER_TRIAL = 60
-GPU_COLUMNS = ("gpu_util_pct", "power_w", "energy_per_sample_j")
 _KEYS = ["run", "batch_size"]
 
 
@@ -71,21 +70,15 @@ class ReportData:
     Attributes:
         runs: The runs, in report order.
         trials: The export frame (:func:`bsprof.trials_frame`) of those runs, plus ``run``.
-        throughput: :func:`bsprof.analysis.throughput_table` per run.
-        gpu: Median ``gpu_util_pct``, ``power_w``, ``energy_per_sample_j`` per run and batch size (ok
-            throughput trials; NaN where not measured).
-        convergence: :func:`bsprof.analysis.convergence_table` per run.
-        tradeoff: :func:`bsprof.analysis.tradeoff_table` per run, with ``pareto_time_samples`` and
-            ``pareto_time_energy`` flags.
+        throughput, gpu, convergence, tradeoff, lr_tuning, gap_trend: The frames of
+            :class:`bsprof.analyze.Analysis`, one :func:`~bsprof.analyze.analyze` call per run.
         fits: One row per run with a noise-scale fit: ``s_min``, ``b_noise``, their standard errors,
             ``e_min``, ``points``, ``constrained``, ``reason``.
         recommendations: (run label, :class:`~bsprof.analysis.Recommendation`) per run and device.
         curves: Learning-curve rows of the reported convergence trials, thinned: ``run, trial_id,
             batch_size, seed, status, step, samples, train_s, val_metric, train_loss, weight_distance,
             grad_norm``.
-        final_state: Per run and batch size: median final ``weight_distance`` and ``grad_norm``.
-        lr_tuning: Per run, batch size and LR of ``tune`` trials: ``seeds``, ``reached``,
-            ``steps_to_target`` (median, inf when half the seeds missed) and ``chosen`` (the LR re-run).
+        final_state: :func:`bsprof.analyze.final_state_table` of the curves, per run and batch size.
         top_ops: Per run, batch size and operator: ``name``, ``self_s_per_step``, ``share_pct``, ``time``
             (``device`` or ``cpu``).
         trace_roots: Folders holding the profiler traces (for ``tensorboard --logdir``).
@@ -108,6 +101,7 @@ class ReportData:
     top_ops: pd.DataFrame
     trace_roots: list[str]
     max_batch: pd.DataFrame
+    gap_trend: pd.DataFrame
     benchmarks: pd.DataFrame | None = None
     targets: dict[str, float] = field(default_factory=dict)
 
@@ -173,51 +167,11 @@ def _curves(store: Store, conv: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _final_state(curves: pd.DataFrame) -> pd.DataFrame:
-    import pandas as pd
-
-    if curves.empty:
-        return pd.DataFrame(columns=[*_KEYS, "weight_distance", "grad_norm", "seeds"])
-    last = curves.sort_values("step").groupby("trial_id").tail(1)
-    g = last.groupby(_KEYS)
-    out = g[["weight_distance", "grad_norm"]].median()
-    out["seeds"] = g.size()
-    return out.reset_index()
-
-
-def _lr_tuning(trials: pd.DataFrame) -> pd.DataFrame:
-    import numpy as np
-    import pandas as pd
-
-    cols = [*_KEYS, "lr", "seeds", "reached", "steps_to_target", "chosen"]
-    conv = trials[trials["kind"] == "convergence"]
-    tune = conv[conv["phase"] == "tune"]
-    if tune.empty:
-        return pd.DataFrame(columns=cols)
-    final = conv[conv["phase"] == "final"]
-    chosen = {(r, b, round(float(lr), 12)) for r, b, lr in final[["run", "batch_size", "lr"]].itertuples(index=False)}
-    rows = []
-    for (run, b, lr), g in tune.groupby(["run", "batch_size", "lr"], sort=True):
-        ok = g["status"] == "ok"
-        vals = np.where(ok, pd.to_numeric(g["steps_to_target"], errors="coerce").astype(float), np.inf)
-        vals = np.where(np.isnan(vals), np.inf, vals)
-        rows.append(
-            {
-                "run": run,
-                "batch_size": int(b),
-                "lr": float(lr),
-                "seeds": len(g),
-                "reached": int(ok.sum()),
-                "steps_to_target": float(np.median(vals)),
-                "chosen": (run, int(b), round(float(lr), 12)) in chosen,
-            }
-        )
-    return pd.DataFrame(rows, columns=cols)
-
-
 def _top_ops(rows: list[dict[str, Any]], labels: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
     """Operator rows from the trials' ``extra["top_ops"]`` (first profiled trial per run and batch size)."""
     import pandas as pd
+
+    from bsprof.analyze import operator_shares
 
     out, roots, seen = [], set(), set()
     for row in rows:
@@ -243,7 +197,6 @@ def _top_ops(rows: list[dict[str, Any]], labels: dict[str, str]) -> tuple[pd.Dat
                 continue
             if name and math.isfinite(t) and t >= 0:
                 parsed.append((str(name), t))
-        total = sum(t for _, t in parsed) or 1.0
         for name, t in parsed:
             out.append(
                 {
@@ -251,12 +204,11 @@ def _top_ops(rows: list[dict[str, Any]], labels: dict[str, str]) -> tuple[pd.Dat
                     "batch_size": int(row["batch_size"]),
                     "name": name,
                     "self_s_per_step": t,
-                    "share_pct": 100.0 * t / total,
                     "time": "device" if dev else "cpu",
                 }
             )
-    cols = [*_KEYS, "name", "self_s_per_step", "share_pct", "time"]
-    return pd.DataFrame(out, columns=cols), sorted(roots)
+    cols = [*_KEYS, "name", "self_s_per_step", "time"]
+    return operator_shares(pd.DataFrame(out, columns=cols), _KEYS), sorted(roots)
 
 
 def _fit_row(label: str, rec: Recommendation) -> dict[str, Any] | None:
@@ -295,7 +247,8 @@ def report_data(
     """
     import pandas as pd
 
-    from bsprof import analysis
+    from bsprof.analysis import reported_convergence
+    from bsprof.analyze import GPU_COLUMNS, analyze, final_state_table
     from bsprof.export import trials_frame
     from bsprof.store import Store
 
@@ -330,34 +283,24 @@ def report_data(
         for col in ("epochs_to_target", "target"):  # stored by convergence trials; absent in throughput-only runs
             if col not in trials.columns:
                 trials[col] = math.nan
-        tp, conv, trade, fits, recs, gpu = [], [], [], [], [], []
+        tp, conv, trade, fits, recs, gpu, lr, gaps = [], [], [], [], [], [], [], []
         for run in runs:
             t = trials[trials["run_id"] == run.run_id]
             if t.empty:
                 continue
-            tp.append(analysis.throughput_table(t).assign(run=run.label))
-            conv.append(analysis.convergence_table(t).assign(run=run.label))
-            table = analysis.tradeoff_table(t).assign(run=run.label)
-            table["pareto_time_samples"] = analysis.pareto_front(table, "samples_to_target", "wallclock_to_target_s")
-            if "energy_to_target_j" in table.columns:
-                table["pareto_time_energy"] = analysis.pareto_front(
-                    table, "energy_to_target_j", "wallclock_to_target_s"
-                )
-            trade.append(table)
-            for rec in analysis.recommend(t, run.lr_rule):
+            a = analyze(t, run.lr_rule)  # every derived table of the run, each computed once
+            tp.append(a.throughput.assign(run=run.label))
+            conv.append(a.convergence.assign(run=run.label))
+            trade.append(a.tradeoff.assign(run=run.label))
+            gpu.append(a.gpu.assign(run=run.label))
+            lr.append(a.lr_tuning.assign(run=run.label))
+            gaps.append(a.gap_trend.assign(run=run.label))
+            for rec in a.recommendations:
                 recs.append((run.label, rec))
                 if (fr := _fit_row(run.label, rec)) is not None:
                     fits.append(fr)
-            ok_tp = t[(t["kind"] == "throughput") & (t["status"] == "ok")]
-            if not ok_tp.empty:
-                vals = pd.DataFrame(
-                    {c: pd.to_numeric(ok_tp[c], errors="coerce") if c in ok_tp else math.nan for c in GPU_COLUMNS},
-                    index=ok_tp.index,
-                )
-                vals["batch_size"] = ok_tp["batch_size"].astype(int)
-                gpu.append(vals.groupby("batch_size").median().reset_index().assign(run=run.label))
         conv_frame = _concat(conv)
-        reported = analysis.reported_convergence(trials)
+        reported = reported_convergence(trials)
         curves = _curves(st, reported)
         top_ops, roots = _top_ops(rows, label_of)
         max_batch = _max_batch(st.max_batch_results(), {(r.workload, r.device) for r in runs})
@@ -394,8 +337,9 @@ def report_data(
         ),
         recommendations=recs,
         curves=curves,
-        final_state=_final_state(curves),
-        lr_tuning=_lr_tuning(trials),
+        final_state=final_state_table(curves, _KEYS),
+        lr_tuning=_concat(lr),
+        gap_trend=_concat(gaps),
         top_ops=top_ops,
         trace_roots=roots,
         max_batch=max_batch,

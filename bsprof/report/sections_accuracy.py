@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from bsprof.report import charts
 
 if TYPE_CHECKING:
@@ -157,6 +155,19 @@ def to_target_section(d: ReportData, store_hint: str) -> Section:
                     "size is both slower and needs more samples than one of these"
                 )
             s.sentences.append(text + ".")
+            off = (
+                g[g["time_estimate_disagrees"].fillna(False).astype(bool)] if "time_estimate_disagrees" in g else g[:0]
+            )
+            if len(off):
+                ratios = ", ".join(
+                    f"B={int(r['batch_size'])}: {_g(r['time_to_target_ratio'], 2)}x" for _, r in off.iterrows()
+                )
+                s.sentences.append(
+                    f"{_prefix(run, many)}The convergence trials' own training time to target differs from this "
+                    f"estimate (steps to target x throughput step time) by more than the noise of either "
+                    f"(measured / estimate: {ratios}): throughput was measured in a different state than "
+                    "training to the target reaches, or the host's speed changed between the trials."
+                )
         elif len(sm):
             s.sentences.append(
                 f"{_prefix(run, many)}No wall-clock to target: no throughput trial measured the step "
@@ -207,23 +218,14 @@ def generalization_section(d: ReportData, store_hint: str) -> Section:
         return s
     c = d.convergence
     many = len(d.runs) > 1
-    for run, g in _by_run(c, d):
-        gap = (g["final_train_metric"] - g["final_val_metric"]).astype(float)
-        ok = g[np.isfinite(gap)].assign(gap=gap[np.isfinite(gap)])
-        if len(ok) >= 2:
-            lo, hi = ok.loc[ok["gap"].idxmin()], ok.loc[ok["gap"].idxmax()]
-            rho = ok["batch_size"].astype(float).corr(ok["gap"], method="spearman") if ok["gap"].nunique() > 1 else 0.0
-            trend = (
-                "grows with the batch size"
-                if rho > 0.5
-                else "shrinks with the batch size"
-                if rho < -0.5
-                else "shows no clear trend with the batch size"
-            )
+    trends = {"grows": "grows with the batch size", "shrinks": "shrinks with the batch size"}
+    for run, g in _by_run(d.gap_trend, d):
+        for r in g[g["points"] >= 2].itertuples():
             s.sentences.append(
-                f"{_prefix(run, many)}The gap between final train and validation metric ranges from {lo['gap']:.3f} "
-                f"(B={int(lo['batch_size'])}) to {hi['gap']:.3f} (B={int(hi['batch_size'])}) and {trend} "
-                f"(Spearman ρ = {rho:.2f}; Keskar et al. 2016 report larger gaps for large batches)."
+                f"{_prefix(run, many)}The gap between final train and validation metric ranges from {r.min_gap:.3f} "
+                f"(B={int(r.min_gap_batch_size)}) to {r.max_gap:.3f} (B={int(r.max_gap_batch_size)}) and "
+                f"{trends.get(r.trend, 'shows no clear trend with the batch size')} "
+                f"(Spearman ρ = {r.rho:.2f}; Keskar et al. 2016 report larger gaps for large batches)."
             )
     fs = d.final_state
     for run, g in _by_run(fs, d):
@@ -262,23 +264,15 @@ def lr_section(d: ReportData, store_hint: str) -> Section:
         return s
     many = len(d.runs) > 1
     for run, g in _by_run(t, d):
-        best = []
-        edge = []
-        for b, gb in g.groupby("batch_size"):
-            fin = gb[_finite_mask(gb, "steps_to_target")]
-            if fin.empty:
-                continue
-            i = fin["steps_to_target"].astype(float).idxmin()
-            best.append((int(b), float(fin.loc[i, "lr"])))
-            lrs = sorted(gb["lr"].astype(float))
-            if float(fin.loc[i, "lr"]) in (lrs[0], lrs[-1]) and len(lrs) > 2:
-                edge.append(int(b))
-        if best:
+        best = g[g["best"].astype(bool)].sort_values("batch_size")
+        if len(best):
+            a, z = best.iloc[0], best.iloc[-1]
             text = (
-                f"{_prefix(run, many)}The best learning rate goes from {_g(best[0][1])} at B={best[0][0]} to "
-                f"{_g(best[-1][1])} at B={best[-1][0]}"
+                f"{_prefix(run, many)}The best learning rate goes from {_g(a['lr'])} at B={int(a['batch_size'])} to "
+                f"{_g(z['lr'])} at B={int(z['batch_size'])}"
             )
-            if edge:
+            edge = best[best["best_on_edge"].astype(bool)]["batch_size"]
+            if len(edge):
                 text += (
                     f"; at B={_sizes(edge)} it lies on the edge of the grid, so a better LR may lie outside it "
                     "(a larger `--tune-lr`)"

@@ -171,12 +171,9 @@ def pareto_chart(tradeoff: pd.DataFrame) -> alt.TopLevelMixin:
     point per batch size, the Pareto frontier (no other batch size is both faster and cheaper) joined.
 
     Args:
-        tradeoff: :func:`bsprof.analysis.tradeoff_table`, with boolean ``pareto_time_samples`` (and
-            ``pareto_time_energy``) columns as :func:`bsprof.report.report_data` adds them; computed here when
-            absent.
+        tradeoff: :attr:`bsprof.analyze.Analysis.tradeoff`, with its boolean ``pareto_time_samples`` (and
+            ``pareto_time_energy``) columns.
     """
-    from bsprof.analysis import pareto_front
-
     alt = _alt()
     t = _frame(tradeoff, "trade-off table")
     panels = []
@@ -191,9 +188,7 @@ def pareto_chart(tradeoff: pd.DataFrame) -> alt.TopLevelMixin:
         if d.empty:
             continue
         if flag not in d.columns:
-            d[flag] = False
-            for _, g in d.groupby("run"):
-                d.loc[g.index, flag] = pareto_front(g, "xv", "yv")
+            raise ValueError(f"the trade-off table has no {flag} column (analysis computes it)")
         d = d.assign(front=d[flag].astype(bool), label="B=" + d["batch_size"].astype(int).astype(str))
         d = d[["run", "batch_size", "xv", "yv", "front", "label"]].sort_values(["run", "xv"])
         color = _run_color(d)
