@@ -3,27 +3,48 @@
 FLOPs are counted by :class:`torch.utils.flop_counter.FlopCounterMode` over one call of the training step:
 forward, backward and the optimizer step. The counter only knows matrix products and convolutions
 (``mm``, ``addmm``, ``bmm``, ``convolution``, attention...), so elementwise work, the loss and the
-optimizer update count as zero; this is the usual "model FLOPs" convention (PaLM's MFU). The count is exact
-for the dense layers it sees: a linear layer of ``W`` weights costs ``2 W B`` forward and ``2 W B`` for
-each of its two backward products, except that autograd skips the input gradient of a layer whose input
-needs none (the first layer), which is why a training step comes out at a little under three forward
-passes for shallow networks.
+optimizer update count as zero; this is the usual "model FLOPs" convention (PaLM's MFU). A training step
+comes out at a little under three forward passes for shallow networks (autograd skips the input gradient of
+the first layer).
 
-MFU = achieved FLOP/s / peak FLOP/s, with the peak taken from :data:`PEAK_FLOPS` by the CUDA device name
-and the compute dtype (``amp`` bf16/fp16, else tf32 when torch allows TF32 matmuls, else fp32), or given
-by the user (``--peak-tflops``). On the CPU, or on a GPU not in the table, MFU is ``None`` with a reason
-and only the achieved FLOP/s is reported.
+Peaks per op class. Convolutions and matrix products follow different numerics switches: cuDNN
+convolutions run in TF32 unless ``torch.backends.cudnn.conv.fp32_precision`` (legacy
+``torch.backends.cudnn.allow_tf32``, default True) says IEEE, cuBLAS matmuls only when
+``torch.backends.cuda.matmul.fp32_precision`` (legacy ``torch.backends.cuda.matmul.allow_tf32``, default
+False) says TF32. So FLOPs are counted per class (:class:`FlopCount`), each class gets its own peak from
+:data:`PEAK_FLOPS` (``amp`` bf16/fp16 for both under autocast), and the step's peak is the one that makes
+MFU = (conv FLOPs / conv peak + matmul FLOPs / matmul peak) / step time. The new ``fp32_precision`` API is
+read first: torch raises when the legacy flag is read after a workload set the new one.
+
+On the CPU, on a GPU not in the table, or on a MIG slice (a fraction of the GPU: its name ends in
+``MIG 1g.10gb`` and the whole GPU's peak does not apply), MFU is ``None`` with a reason and only the
+achieved FLOP/s is reported, unless the user gives the peak (``--peak-tflops``). Nothing here raises into a
+trial: a failure leaves the FLOP fields ``None`` with the reason.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["PEAK_FLOPS", "compute_dtype", "count_flops", "flops_metrics", "peak_flops"]
+__all__ = [
+    "FLOPS_KEYS",
+    "OP_CLASSES",
+    "PEAK_FLOPS",
+    "FlopCount",
+    "chip_of",
+    "compute_dtype",
+    "count_flops",
+    "flops_metrics",
+    "fp32_precision",
+    "is_mig",
+    "peak_flops",
+    "step_peak_flops",
+]
 
 _T = 1e12
 
@@ -69,7 +90,10 @@ _CHIPS: tuple[tuple[str, str], ...] = (
 
 
 def chip_of(device_name: str) -> str | None:
-    """The :data:`PEAK_FLOPS` key for a CUDA device name (``"NVIDIA A100-SXM4-80GB"`` -> ``"a100"``)."""
+    """The :data:`PEAK_FLOPS` key for a CUDA device name (``"NVIDIA A100-SXM4-80GB"`` -> ``"a100"``); ``None``
+    for an unknown GPU or a MIG slice (:func:`is_mig`)."""
+    if is_mig(device_name):
+        return None
     name = device_name.lower()
     for pattern, chip in _CHIPS:
         if re.search(pattern, name):
@@ -77,12 +101,105 @@ def chip_of(device_name: str) -> str | None:
     return None
 
 
-def compute_dtype(amp: str) -> str:
-    """The dtype matrix products run in: ``bf16``/``fp16`` under autocast, else ``tf32`` when torch allows
-    TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``), else ``fp32``."""
+def is_mig(device_name: str) -> bool:
+    """Whether a CUDA device name is a MIG slice (``"NVIDIA A100-SXM4-80GB MIG 1g.10gb"``)."""
+    return re.search(r"\bmig\b", device_name.lower()) is not None
+
+
+OP_CLASSES = ("conv", "matmul")
+"""FLOP classes with their own numerics switch: cuDNN convolutions, and every other counted op (cuBLAS
+matrix products and attention)."""
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one call, by op class.
+
+    Attributes:
+        conv: FLOPs in convolutions (forward and backward).
+        matmul: FLOPs in every other counted op: matrix products and attention.
+    """
+
+    conv: int = 0
+    matmul: int = 0
+
+    @property
+    def total(self) -> int:
+        """All counted FLOPs."""
+        return self.conv + self.matmul
+
+
+def _op_class(op: Any) -> str:
+    return "conv" if "conv" in str(op).rsplit(".", 1)[-1] else "matmul"
+
+
+def count_flops(fn: Callable[[], Any]) -> FlopCount:
+    """FLOPs of one call of ``fn`` (e.g. a :class:`~bsprof.engine.step.TrainingStep`) by op class, from
+    :class:`~torch.utils.flop_counter.FlopCounterMode`'s per-op breakdown (matrix products and convolutions
+    only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    by_class = dict.fromkeys(OP_CLASSES, 0)
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        by_class[_op_class(op)] += int(flops)
+    return FlopCount(**by_class)
+
+
+_PRECISION_SOURCES = {
+    # op class -> (path under torch.backends of the new API's fp32_precision, of the legacy allow_tf32)
+    "matmul": (("cuda", "matmul"), ("cuda", "matmul")),
+    "conv": (("cudnn", "conv"), ("cudnn",)),
+}
+
+
+def _backend(path: tuple[str, ...]) -> Any:
+    obj: Any = torch.backends
+    for part in path:
+        obj = getattr(obj, part)
+    return obj
+
+
+def fp32_precision(op_class: str) -> tuple[str | None, str | None]:
+    """How float32 ``op_class`` ops (``"conv"`` or ``"matmul"``) run on CUDA: ``("tf32", None)``,
+    ``("ieee", None)``, or ``(None, reason)`` when torch's flags cannot be read.
+
+    The new API (``torch.backends.cuda.matmul.fp32_precision``, ``torch.backends.cudnn.conv.fp32_precision``,
+    torch 2.9+) is read first; ``"none"`` there means nothing was set through it, and the legacy
+    ``allow_tf32`` flag decides. Reading the legacy flag raises ``RuntimeError`` when the two APIs were mixed;
+    that becomes the reason, never an exception.
+    """
+    new_path, legacy_path = _PRECISION_SOURCES[op_class]
+    try:
+        value = getattr(_backend(new_path), "fp32_precision", None)
+    except (AttributeError, RuntimeError) as e:
+        value = None
+        new_error: str | None = f"{type(e).__name__}: {e}"
+    else:
+        new_error = None
+    if value == "tf32":
+        return "tf32", None
+    if value == "ieee":
+        return "ieee", None
+    try:
+        legacy = bool(_backend(legacy_path).allow_tf32)
+    except (AttributeError, RuntimeError) as e:
+        why = f"torch's {op_class} TF32 setting is unreadable: {type(e).__name__}: {e}"
+        return None, (why + (f" (new API: {new_error})" if new_error else ""))[:300]
+    return ("tf32" if legacy else "ieee"), None
+
+
+def compute_dtype(amp: str, op_class: str) -> tuple[str | None, str | None]:
+    """(dtype, None) for the dtype ``op_class`` ops run in: ``bf16``/``fp16`` under autocast, else ``tf32``
+    or ``fp32`` by :func:`fp32_precision`; (None, reason) when torch's flags cannot be read."""
     if amp in ("bf16", "fp16"):
-        return amp
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+        return amp, None
+    precision, why = fp32_precision(op_class)
+    if precision is None:
+        return None, why
+    return ("tf32" if precision == "tf32" else "fp32"), None
 
 
 def peak_flops(device_name: str, dtype: str) -> tuple[float | None, str | None]:
@@ -90,6 +207,8 @@ def peak_flops(device_name: str, dtype: str) -> tuple[float | None, str | None]:
 
     A GPU without TF32 (V100, T4) runs TF32-allowed matmuls in fp32, so ``tf32`` falls back to ``fp32``.
     """
+    if is_mig(device_name):
+        return None, f"{device_name!r} is a MIG slice (a fraction of the GPU's peak); pass --peak-tflops"
     chip = chip_of(device_name)
     if chip is None:
         return None, f"no peak FLOP/s known for {device_name!r}; pass --peak-tflops"
@@ -101,19 +220,40 @@ def peak_flops(device_name: str, dtype: str) -> tuple[float | None, str | None]:
     return table[dtype], None
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` (e.g. a :class:`~bsprof.engine.step.TrainingStep`), as counted by
-    :class:`~torch.utils.flop_counter.FlopCounterMode` (matrix products and convolutions only)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def step_peak_flops(flops: FlopCount, device_name: str, amp: str) -> tuple[float | None, str | None, str | None]:
+    """The peak FLOP/s of a step whose FLOPs are ``flops``, each op class at its own dtype's peak.
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
+    Returns:
+        (peak FLOP/s, dtypes, reason): the peak is ``total / sum(class FLOPs / class peak)``, so that
+        ``achieved / peak`` is the fraction of the time the step would take at every class's peak;
+        ``dtypes`` says which dtype each class was taken at (e.g. ``"conv tf32, matmul fp32"``);
+        ``(None, None, reason)`` when a class with FLOPs has no known dtype or peak.
+    """
+    seconds_at_peak = 0.0
+    dtypes = []
+    for op_class in OP_CLASSES:
+        class_flops = getattr(flops, op_class)
+        if class_flops == 0:
+            continue
+        dtype, why = compute_dtype(amp, op_class)
+        if dtype is None:
+            return None, None, why
+        peak, why = peak_flops(device_name, dtype)
+        if peak is None:
+            return None, None, why
+        seconds_at_peak += class_flops / peak
+        dtypes.append(f"{op_class} {dtype}")
+    if seconds_at_peak <= 0:
+        return None, None, "no counted FLOPs to weigh the peaks by"
+    return flops.total / seconds_at_peak, ", ".join(dtypes), None
+
+
+FLOPS_KEYS = ("flops_per_step", "conv_flops_per_step", "achieved_flops_per_s", "peak_flops_per_s", "mfu")
+"""Metric keys of :func:`flops_metrics` (besides the string ``peak_dtypes``)."""
 
 
 def flops_metrics(
-    flops_per_step: int | None,
+    flops: FlopCount | None,
     step_time_s: float | None,
     *,
     device: torch.device,
@@ -122,38 +262,47 @@ def flops_metrics(
     peak_tflops: float | None = None,
     reason: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """``flops_per_step``, ``achieved_flops_per_s``, ``peak_flops_per_s`` and ``mfu`` of a trial.
+    """``flops_per_step``, ``conv_flops_per_step``, ``achieved_flops_per_s``, ``peak_flops_per_s``, ``mfu``
+    and ``peak_dtypes`` of a trial. Never raises: a failure leaves fields ``None`` with the reason.
 
     Args:
-        flops_per_step: Counted FLOPs of one training step (``None`` if counting failed).
+        flops: Counted FLOPs of one training step by op class (``None`` if counting failed).
         step_time_s: Median seconds per step.
         device: The trial's device.
         device_name: e.g. ``"NVIDIA A100-SXM4-80GB"``.
-        amp: Mixed-precision mode (picks the peak's dtype).
+        amp: Mixed-precision mode (bf16/fp16 puts every class at that dtype's peak).
         peak_tflops: A user-given peak (TFLOP/s) that overrides the table (and allows MFU on the CPU).
-        reason: Why ``flops_per_step`` is ``None``.
+        reason: Why ``flops`` is ``None``.
 
     Returns:
         (metrics, reasons): ``None`` values come with a reason.
     """
-    keys = ("flops_per_step", "achieved_flops_per_s", "peak_flops_per_s", "mfu")
+    keys = (*FLOPS_KEYS, "peak_dtypes")
     metrics: dict[str, Any] = dict.fromkeys(keys)
     reasons: dict[str, str] = {}
-    metrics["flops_per_step"] = flops_per_step
-    if flops_per_step is None or not step_time_s or step_time_s <= 0:
-        why = reason or ("no FLOPs counted" if flops_per_step is None else "no step time")
+    if flops is not None:
+        metrics["flops_per_step"] = flops.total
+        metrics["conv_flops_per_step"] = flops.conv
+    if flops is None or not step_time_s or step_time_s <= 0:
+        why = reason or ("no FLOPs counted" if flops is None else "no step time")
         return metrics, dict.fromkeys((k for k in keys if metrics[k] is None), why)
-    metrics["achieved_flops_per_s"] = flops_per_step / step_time_s
+    metrics["achieved_flops_per_s"] = flops.total / step_time_s
+    dtypes: str | None = None
     if peak_tflops is not None:
         peak: float | None = peak_tflops * 1e12
         why_peak = None
+        dtypes = "user peak"
     elif device.type == "cuda":
-        peak, why_peak = peak_flops(device_name, compute_dtype(amp))
+        try:
+            peak, dtypes, why_peak = step_peak_flops(flops, device_name, amp)
+        except Exception as e:  # noqa: BLE001 - MFU must never fail a timed trial; the reason is stored
+            peak, why_peak = None, f"peak FLOP/s lookup failed: {type(e).__name__}: {e}"[:300]
     else:
         peak, why_peak = None, f"no peak FLOP/s for {device.type}; MFU needs --peak-tflops"
     if peak is None:
-        reasons["peak_flops_per_s"] = reasons["mfu"] = why_peak or "no peak FLOP/s"
+        reasons["peak_flops_per_s"] = reasons["mfu"] = reasons["peak_dtypes"] = why_peak or "no peak FLOP/s"
     else:
         metrics["peak_flops_per_s"] = peak
+        metrics["peak_dtypes"] = dtypes
         metrics["mfu"] = metrics["achieved_flops_per_s"] / peak
     return metrics, reasons
