@@ -1,4 +1,8 @@
-"""Provenance of a run: software versions, device, host and git commit (as pytest-benchmark and asv do)."""
+"""Provenance of a run: software versions, device, numerics flags, host and git commit (as pytest-benchmark and
+asv do), and the part of it that identifies a run (:func:`run_identity`).
+
+NVML (the driver version, whether GPU telemetry works) is read through :mod:`bsprof.engine.nvml` only.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["collect_environment"]
+__all__ = ["IDENTITY_KEYS", "collect_environment", "run_identity"]
+
+IDENTITY_KEYS = (
+    "device_name",
+    "torch_version",
+    "cuda_version",
+    "cudnn_version",
+    "nvidia_driver_version",
+    "numerics",
+)
+"""Environment entries that make two runs' results different measurements: a store reused on another device
+model, torch, CUDA, cuDNN, driver or numerics flags starts a new run (see :func:`run_identity`)."""
 
 
 def _cpu_model() -> str:
@@ -33,23 +48,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _nvidia_driver() -> tuple[str | None, str | None]:
-    """(driver version, reason it is unknown)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None, "nvidia-ml-py (pynvml) is not installed"
-    try:
-        pynvml.nvmlInit()
-    except Exception as e:  # noqa: BLE001 - any NVML failure means: no driver to report
-        return None, f"NVML unavailable: {type(e).__name__}: {e}"
-    try:
-        version = pynvml.nvmlSystemGetDriverVersion()
-        return (version.decode() if isinstance(version, bytes) else str(version)), None
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def collect_environment(device: torch.device) -> dict[str, Any]:
     """Everything needed to tell whether two runs are comparable.
 
@@ -57,9 +55,11 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
         device: The device the run's trials use.
     """
     from bsprof import __version__
-    from bsprof.store import SCHEMA_VERSION
+    from bsprof.engine.device import numerics_flags
+    from bsprof.engine.nvml import driver_version, gpu_telemetry_reason
+    from bsprof.schema import SCHEMA_VERSION
 
-    driver, driver_reason = _nvidia_driver()
+    driver, driver_reason = driver_version()
     env: dict[str, Any] = {
         "bsprof_version": __version__,
         "schema_version": SCHEMA_VERSION,
@@ -77,17 +77,32 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "executable": sys.executable,
         "git_commit": _git_commit(),
+        "numerics": numerics_flags(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["device_memory_bytes"] = int(props.total_memory)
         env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-    from bsprof.engine.nvml import gpu_telemetry_reason
-
     reason = gpu_telemetry_reason(device)
     env["gpu_telemetry"] = "nvml" if reason is None else None
     if reason is not None:
         env["gpu_telemetry_reason"] = reason  # why every GPU field of this run's trials is empty
     if driver_reason:
         env["nvidia_driver_reason"] = driver_reason
+    env["identity"] = run_identity(env)
     return env
+
+
+def run_identity(env: dict[str, Any]) -> dict[str, Any]:
+    """The entries of an environment record (:func:`collect_environment`) that identify a run:
+    :data:`IDENTITY_KEYS`, without the reasons that accompany missing values.
+
+    :meth:`bsprof.store.Store.open_run` hashes it with the configuration, so a sweep on another GPU model,
+    torch, CUDA, cuDNN or driver version, or with other numerics flags, never resumes (or inherits the OOM
+    floor of) a run measured elsewhere.
+    """
+    identity = {key: env.get(key) for key in IDENTITY_KEYS}
+    numerics = identity.get("numerics")
+    if isinstance(numerics, dict):
+        identity["numerics"] = {k: v for k, v in numerics.items() if not k.endswith("_reason")}
+    return identity

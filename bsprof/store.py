@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bsprof.errors import BadInput
+from bsprof.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from bsprof.engine.trial import TrialResult, TrialSpec
 
 __all__ = ["DEFAULT_STORE", "SCHEMA_VERSION", "RunRecord", "Store", "config_hash"]
 
-SCHEMA_VERSION = 1
 DEFAULT_STORE = Path("reports") / "bsprof.db"
 FINISHED = ("ok", "oom", "diverged", "budget_exhausted")  # "error" trials are retried on resume
 
@@ -185,8 +185,15 @@ class Store:
     def open_run(
         self, workload: str, config: dict[str, Any], environment: dict[str, Any], *, fresh: bool = False
     ) -> RunRecord:
-        """The run to write into: the latest with this config's hash, or a new one (always new if ``fresh``)."""
-        digest = config_hash(config)
+        """The run to write into: the latest with this identity's hash, or a new one (always new if ``fresh``).
+
+        A run's identity is ``config`` plus ``environment["identity"]`` (device model, torch / CUDA / cuDNN /
+        driver versions and numerics flags, :func:`bsprof.environment.run_identity`) when the environment has
+        one: the same store used on another GPU or torch starts a new run, and never mixes trials or an OOM
+        floor with the old one.
+        """
+        identity = environment.get("identity")
+        digest = config_hash(config if identity is None else {"config": config, "environment_identity": identity})
         with self.transaction():
             existing = self._conn.execute(
                 "SELECT run_id FROM runs WHERE config_hash=? ORDER BY created_at DESC LIMIT 1", (digest,)

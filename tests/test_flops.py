@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from bsprof.engine.device import fp32_precision
 from bsprof.engine.flops import (
     PEAK_FLOPS,
     FlopCount,
@@ -16,7 +17,6 @@ from bsprof.engine.flops import (
     compute_dtype,
     count_flops,
     flops_metrics,
-    fp32_precision,
     peak_flops,
 )
 from bsprof.engine.step import TrainingStep

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from fake_nvml import (
+    FUNCTION_NOT_FOUND,
     GPU_IS_LOST,
     LIBRARY_NOT_FOUND,
     NO_PERMISSION,
@@ -15,11 +16,13 @@ from fake_nvml import (
     FakeDevice,
     FakeNvml,
     fake_gpus,
+    mig_uuid,
     uuid,
 )
 
 from bsprof.engine.nvml import (
     ENERGY_COUNTER_MODULUS_MJ,
+    THROTTLE_CALLS,
     NvmlError,
     NvmlGpu,
     NvmlGpuLost,
@@ -27,6 +30,7 @@ from bsprof.engine.nvml import (
     NvmlNoPermission,
     NvmlNotFound,
     NvmlNotSupported,
+    driver_version,
     gpu_telemetry_reason,
     nvml_error,
     open_nvml_gpu,
@@ -135,6 +139,41 @@ def test_nvml_errors_are_typed(code: int, kind: type[NvmlError]) -> None:
     assert isinstance(nvml_error(AttributeError("nvmlDeviceGetFoo")), NvmlNotSupported)
 
 
+def test_throttle_reasons_fall_back_to_the_older_call_on_an_older_driver() -> None:
+    # pynvml defines nvmlDeviceGetCurrentClocksEventReasons; a pre-R535 driver lacks the symbol, and the
+    # call raises NVMLError_FunctionNotFound (code 13) on every poll.
+    fake = fake_gpus(throttle=[0x4, 0x40, 0x4])
+    fake.driver_lacks = frozenset({"nvmlDeviceGetCurrentClocksEventReasons"})
+    gpu = open_fake(fake)
+    masks = [gpu.sample()["throttle_reasons"] for _ in range(3)]
+    assert masks == [0x4, 0x40, 0x4] and "throttle_reasons" not in gpu.field_reasons
+    assert fake.missing_calls == ["nvmlDeviceGetCurrentClocksEventReasons"]  # tried once, then the older call
+    assert fake.devices[0].calls["throttle"] == 3
+
+
+def test_no_throttle_call_at_all_leaves_a_reason() -> None:
+    fake = fake_gpus()
+    fake.driver_lacks = frozenset(THROTTLE_CALLS)
+    gpu = open_fake(fake)
+    assert "throttle_reasons" not in gpu.sample() and "throttle_reasons" not in gpu.sample()
+    assert "Function Not Found" in gpu.field_reasons["throttle_reasons"]
+
+
+def test_function_not_found_is_typed_as_not_supported() -> None:
+    error = nvml_error(FakeNvml.NVMLError(FUNCTION_NOT_FOUND))
+    assert isinstance(error, NvmlNotSupported) and error.code == FUNCTION_NOT_FOUND
+
+
+def test_the_real_pynvml_raises_function_not_found_for_a_missing_symbol() -> None:
+    """What the fake models: pynvml's lookup of a C symbol the loaded library lacks."""
+    import pynvml
+
+    assert issubclass(pynvml.NVMLError_FunctionNotFound, pynvml.NVMLError)
+    assert pynvml.NVMLError_FunctionNotFound(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND).value == FUNCTION_NOT_FOUND
+    assert callable(pynvml.nvmlDeviceGetCurrentClocksEventReasons)
+    assert callable(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
+
+
 def test_throttle_reason_names() -> None:
     assert throttle_reason_names(0) == []
     assert throttle_reason_names(0x4 | 0x40) == ["sw_power_cap", "hw_thermal_slowdown"]
@@ -176,6 +215,43 @@ def test_uuid_from_torch_wins_over_the_index() -> None:
     bare = uuid(1).removeprefix("GPU-")  # torch reports the UUID without the prefix
     assert resolve_handle(fake, 0, uuid=bare, visible_devices="3") == 1
     assert resolve_handle(fake, 0, uuid="0123-unknown", visible_devices="3") == 3  # falls back to the mapping
+
+
+def _mig_host() -> FakeNvml:
+    slices = [
+        FakeDevice(uuid=mig_uuid(0, j), name="NVIDIA A100-SXM4-80GB MIG 1g.10gb", gpu_util=None, power_mw=None,
+                   energy_mj=None, mem_used_bytes=(j + 1) << 30)
+        for j in range(2)
+    ]  # fmt: skip
+    return FakeNvml([FakeDevice(uuid=uuid(0), mig=slices), FakeDevice(uuid=uuid(1))])
+
+
+def test_a_mig_slice_is_found_by_its_uuid_not_as_the_whole_gpu() -> None:
+    fake = _mig_host()
+    bare = mig_uuid(0, 1).removeprefix("MIG-")  # torch reports the slice's UUID without a prefix
+    gpu = open_nvml_gpu(0, nvml=fake, uuid=bare, visible_devices=None)
+    assert isinstance(gpu, NvmlGpu) and gpu.handle == (0, 1)
+    assert gpu.name.endswith("MIG 1g.10gb")
+    row = gpu.sample()
+    assert row["mem_used_bytes"] == float(2 << 30)  # the slice's memory, not the GPU's
+    assert "power_w" not in row and "NotSupported" in gpu.field_reasons["power_w"]
+    visible = open_nvml_gpu(0, nvml=fake, visible_devices=mig_uuid(0, 0))  # CUDA_VISIBLE_DEVICES=MIG-...
+    assert isinstance(visible, NvmlGpu) and visible.handle == (0, 0)
+
+
+def test_a_gpu_in_mig_mode_is_never_read_as_a_torch_device_by_index() -> None:
+    fake = _mig_host()
+    gpu = open_nvml_gpu(0, nvml=fake, visible_devices=None)  # no UUID from torch: index 0 is the MIG parent
+    assert isinstance(gpu, NullGpu) and "MIG" in (gpu.reason or "") and "CUDA_VISIBLE_DEVICES" in (gpu.reason or "")
+    assert resolve_handle(fake, 1, visible_devices=None) == 1  # the GPU out of MIG mode maps as before
+
+
+def test_driver_version_through_the_nvml_layer() -> None:
+    fake = fake_gpus(driver_version="535.104.05")
+    assert driver_version(nvml=fake) == ("535.104.05", None)
+    assert (fake.inits, fake.shutdowns) == (1, 1)
+    version, why = driver_version(nvml=FakeNvml([], init_error=LIBRARY_NOT_FOUND))
+    assert version is None and why == "NVML unavailable: NvmlLibraryNotFound: NVML Shared Library Not Found"
 
 
 @pytest.mark.parametrize("visible", ["", "1,x,2", "GPU-", "GPU-ffff"])

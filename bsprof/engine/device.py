@@ -1,21 +1,32 @@
-"""Device selection, synchronisation and mixed precision, resolved once per trial."""
+"""Device selection, synchronisation, mixed precision and the float32 numerics switches."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from bsprof.errors import BadInput
 
-__all__ = ["AMP_MODES", "autocast_context", "device_name", "resolve_device", "synchronizer"]
+__all__ = [
+    "AMP_MODES",
+    "autocast_context",
+    "device_name",
+    "fp32_precision",
+    "numerics_flags",
+    "resolve_device",
+    "synchronizer",
+]
 
 AMP_MODES = ("off", "bf16", "fp16")
 
 
 def resolve_device(spec: str) -> torch.device:
-    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a usable device.
+    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a usable device; a CUDA device also becomes the
+    current one (``torch.cuda.set_device``), so that workload code that allocates on "the" CUDA device
+    (``tensor.cuda()``, ``device="cuda"``) follows it.
 
     Raises:
         BadInput: The device is unknown or not available here.
@@ -34,6 +45,7 @@ def resolve_device(spec: str) -> torch.device:
         index = int(index_text)
         if index >= torch.cuda.device_count():
             raise BadInput(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) visible")
+        torch.cuda.set_device(index)
         return torch.device("cuda", index)
     raise BadInput(f"unknown device {spec!r}: expected auto, cpu, cuda or cuda:N")
 
@@ -62,3 +74,74 @@ def autocast_context(device: torch.device, amp: str) -> Callable[[], contextlib.
         return contextlib.nullcontext
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_PRECISION_SOURCES = {
+    # op class -> (path under torch.backends of the new API's fp32_precision, of the legacy allow_tf32)
+    "matmul": (("cuda", "matmul"), ("cuda", "matmul")),
+    "conv": (("cudnn", "conv"), ("cudnn",)),
+}
+
+
+def _backend(path: tuple[str, ...]) -> Any:
+    obj: Any = torch.backends
+    for part in path:
+        obj = getattr(obj, part)
+    return obj
+
+
+def fp32_precision(op_class: str) -> tuple[str | None, str | None]:
+    """How float32 ``op_class`` ops (``"conv"`` or ``"matmul"``) run on CUDA: ``("tf32", None)``,
+    ``("ieee", None)``, or ``(None, reason)`` when torch's flags cannot be read.
+
+    The new API (``torch.backends.cuda.matmul.fp32_precision``, ``torch.backends.cudnn.conv.fp32_precision``,
+    torch 2.9+) is read first; ``"none"`` there means nothing was set through it, and the legacy
+    ``allow_tf32`` flag decides. Reading the legacy flag raises ``RuntimeError`` when the two APIs were mixed;
+    that becomes the reason, never an exception.
+    """
+    new_path, legacy_path = _PRECISION_SOURCES[op_class]
+    try:
+        value = getattr(_backend(new_path), "fp32_precision", None)
+    except (AttributeError, RuntimeError) as e:
+        value = None
+        new_error: str | None = f"{type(e).__name__}: {e}"
+    else:
+        new_error = None
+    if value == "tf32":
+        return "tf32", None
+    if value == "ieee":
+        return "ieee", None
+    try:
+        legacy = bool(_backend(legacy_path).allow_tf32)
+    except (AttributeError, RuntimeError) as e:
+        why = f"torch's {op_class} TF32 setting is unreadable: {type(e).__name__}: {e}"
+        return None, (why + (f" (new API: {new_error})" if new_error else ""))[:300]
+    return ("tf32" if legacy else "ieee"), None
+
+
+def numerics_flags() -> dict[str, object]:
+    """torch's switches that change float results and speed, as the run's environment records them.
+
+    Keys: ``matmul_fp32_precision`` and ``conv_fp32_precision`` (``"tf32"``/``"ieee"``, :func:`fp32_precision`;
+    ``None`` with a ``*_reason`` when unreadable), ``float32_matmul_precision``, ``cudnn_benchmark``,
+    ``cudnn_deterministic`` and ``deterministic_algorithms``.
+    """
+    flags: dict[str, object] = {}
+    for op_class in ("matmul", "conv"):
+        value, why = fp32_precision(op_class)
+        flags[f"{op_class}_fp32_precision"] = value
+        if why is not None:
+            flags[f"{op_class}_fp32_precision_reason"] = why
+    readers = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision,
+        "cudnn_benchmark": lambda: bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": lambda: bool(torch.backends.cudnn.deterministic),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled,
+    }
+    for key, read in readers.items():
+        try:
+            flags[key] = read()
+        except (AttributeError, RuntimeError) as e:
+            flags[key] = None
+            flags[f"{key}_reason"] = f"{type(e).__name__}: {e}"[:300]
+    return flags

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from bsprof.engine.device import fp32_precision
+
 __all__ = [
     "FLOPS_KEYS",
     "OP_CLASSES",
@@ -40,7 +42,6 @@ __all__ = [
     "compute_dtype",
     "count_flops",
     "flops_metrics",
-    "fp32_precision",
     "is_mig",
     "peak_flops",
     "step_peak_flops",
@@ -146,49 +147,6 @@ def count_flops(fn: Callable[[], Any]) -> FlopCount:
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
         by_class[_op_class(op)] += int(flops)
     return FlopCount(**by_class)
-
-
-_PRECISION_SOURCES = {
-    # op class -> (path under torch.backends of the new API's fp32_precision, of the legacy allow_tf32)
-    "matmul": (("cuda", "matmul"), ("cuda", "matmul")),
-    "conv": (("cudnn", "conv"), ("cudnn",)),
-}
-
-
-def _backend(path: tuple[str, ...]) -> Any:
-    obj: Any = torch.backends
-    for part in path:
-        obj = getattr(obj, part)
-    return obj
-
-
-def fp32_precision(op_class: str) -> tuple[str | None, str | None]:
-    """How float32 ``op_class`` ops (``"conv"`` or ``"matmul"``) run on CUDA: ``("tf32", None)``,
-    ``("ieee", None)``, or ``(None, reason)`` when torch's flags cannot be read.
-
-    The new API (``torch.backends.cuda.matmul.fp32_precision``, ``torch.backends.cudnn.conv.fp32_precision``,
-    torch 2.9+) is read first; ``"none"`` there means nothing was set through it, and the legacy
-    ``allow_tf32`` flag decides. Reading the legacy flag raises ``RuntimeError`` when the two APIs were mixed;
-    that becomes the reason, never an exception.
-    """
-    new_path, legacy_path = _PRECISION_SOURCES[op_class]
-    try:
-        value = getattr(_backend(new_path), "fp32_precision", None)
-    except (AttributeError, RuntimeError) as e:
-        value = None
-        new_error: str | None = f"{type(e).__name__}: {e}"
-    else:
-        new_error = None
-    if value == "tf32":
-        return "tf32", None
-    if value == "ieee":
-        return "ieee", None
-    try:
-        legacy = bool(_backend(legacy_path).allow_tf32)
-    except (AttributeError, RuntimeError) as e:
-        why = f"torch's {op_class} TF32 setting is unreadable: {type(e).__name__}: {e}"
-        return None, (why + (f" (new API: {new_error})" if new_error else ""))[:300]
-    return ("tf32" if legacy else "ieee"), None
 
 
 def compute_dtype(amp: str, op_class: str) -> tuple[str | None, str | None]:

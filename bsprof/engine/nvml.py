@@ -15,6 +15,7 @@ key                    NVML call                                   vendor unit -
 ``sm_clock_hz``        ``nvmlDeviceGetClockInfo(NVML_CLOCK_SM)``   MHz -> Hz
 ``temperature_c``      ``nvmlDeviceGetTemperature(GPU)``           degrees Celsius
 ``throttle_reasons``   ``nvmlDeviceGetCurrentClocksEventReasons``  bit mask (see THROTTLE_REASONS)
+                       (``...ThrottleReasons`` before R535)
 ``energy_counter_j``   ``nvmlDeviceGetTotalEnergyConsumption``     mJ -> J, since the sampler opened
 =====================  ==========================================  ==========================
 
@@ -28,7 +29,8 @@ stopping the sweep.
 Which GPU: torch's device index counts the devices *visible* to CUDA, NVML's counts all of them. The
 sampler takes the GPU's UUID from torch when it can (exact whatever ``CUDA_DEVICE_ORDER`` says), else maps
 the index through ``CUDA_VISIBLE_DEVICES`` (integers, ``GPU-`` UUID prefixes or ``MIG-`` UUIDs), see
-:func:`resolve_handle`.
+:func:`resolve_handle`. A MIG slice is found by its ``MIG-`` UUID; the whole GPU's handle is never used for
+a slice (its readings would include the other slices).
 """
 
 from __future__ import annotations
@@ -37,12 +39,29 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from bsprof.engine.nvml_devices import (
+    NVML_ERROR_FUNCTION_NOT_FOUND,
+    NvmlError,
+    NvmlGpuLost,
+    NvmlLibrary,
+    NvmlLibraryNotFound,
+    NvmlNoPermission,
+    NvmlNotFound,
+    NvmlNotSupported,
+    call,
+    nvml_error,
+    parse_visible_devices,
+    resolve_handle,
+    text,
+    torch_device_uuid,
+)
 from bsprof.engine.samplers import NullGpu
 
 __all__ = [
     "ENERGY_COUNTER_MODULUS_MJ",
+    "THROTTLE_CALLS",
     "THROTTLE_REASONS",
     "NvmlError",
     "NvmlGpu",
@@ -52,6 +71,7 @@ __all__ = [
     "NvmlNoPermission",
     "NvmlNotFound",
     "NvmlNotSupported",
+    "driver_version",
     "gpu_telemetry_reason",
     "nvml_error",
     "open_nvml_gpu",
@@ -71,6 +91,9 @@ one means it wrapped around this modulus."""
 
 NVML_CLOCK_SM = 1
 NVML_TEMPERATURE_GPU = 0
+
+THROTTLE_CALLS = ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
+"""The clock-event reason calls, newest first (the first needs an R535+ driver)."""
 
 THROTTLE_REASONS = {
     0x1: "gpu_idle",
@@ -95,172 +118,6 @@ def throttle_reason_names(mask: int | None) -> list[str]:
     if unknown:
         names.append(f"other(0x{unknown:x})")
     return names
-
-
-# Typed errors ----------------------------------------------------------------------------------------
-
-
-class NvmlError(Exception):
-    """An NVML call failed.
-
-    Attributes:
-        code: NVML return code (``None`` if the failure had none, e.g. a missing function).
-    """
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class NvmlNotSupported(NvmlError):
-    """This GPU or driver does not support the query (NOT_SUPPORTED, FUNCTION_NOT_FOUND)."""
-
-
-class NvmlNoPermission(NvmlError):
-    """The process may not make the query (NO_PERMISSION)."""
-
-
-class NvmlNotFound(NvmlError):
-    """No such device (NOT_FOUND, GPU_NOT_FOUND, or an index beyond the visible devices)."""
-
-
-class NvmlGpuLost(NvmlError):
-    """The GPU fell off the bus or needs a reset (GPU_IS_LOST, RESET_REQUIRED)."""
-
-
-class NvmlLibraryNotFound(NvmlError):
-    """No NVML library or driver here (LIBRARY_NOT_FOUND, DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH)."""
-
-
-_ERROR_TYPES: dict[int, type[NvmlError]] = {
-    3: NvmlNotSupported,  # NVML_ERROR_NOT_SUPPORTED
-    4: NvmlNoPermission,  # NVML_ERROR_NO_PERMISSION
-    6: NvmlNotFound,  # NVML_ERROR_NOT_FOUND
-    9: NvmlLibraryNotFound,  # NVML_ERROR_DRIVER_NOT_LOADED
-    12: NvmlLibraryNotFound,  # NVML_ERROR_LIBRARY_NOT_FOUND
-    13: NvmlNotSupported,  # NVML_ERROR_FUNCTION_NOT_FOUND (driver older than the call)
-    15: NvmlGpuLost,  # NVML_ERROR_GPU_IS_LOST
-    16: NvmlGpuLost,  # NVML_ERROR_RESET_REQUIRED
-    18: NvmlLibraryNotFound,  # NVML_ERROR_LIB_RM_VERSION_MISMATCH
-    28: NvmlNotFound,  # NVML_ERROR_GPU_NOT_FOUND
-}
-
-
-def nvml_error(exc: BaseException) -> NvmlError:
-    """The typed :class:`NvmlError` for an exception raised by an NVML call.
-
-    ``pynvml.NVMLError`` carries the return code in ``.value``; a function missing from an old ``pynvml``
-    (``AttributeError``) counts as not supported.
-    """
-    if isinstance(exc, NvmlError):
-        return exc
-    if isinstance(exc, AttributeError):
-        return NvmlNotSupported(f"not in this pynvml: {exc}")
-    code = getattr(exc, "value", None)
-    code = code if isinstance(code, int) else None
-    kind = _ERROR_TYPES.get(code, NvmlError) if code is not None else NvmlError
-    text = str(exc) or type(exc).__name__
-    return kind(text, code)
-
-
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except Exception as exc:  # translated into a typed NvmlError
-        raise nvml_error(exc) from exc
-
-
-# The protocol ----------------------------------------------------------------------------------------
-
-
-class NvmlLibrary(Protocol):
-    """The part of ``pynvml`` the sampler uses (tests pass a fake with these names)."""
-
-    def nvmlInit(self) -> None: ...
-    def nvmlShutdown(self) -> None: ...
-    def nvmlDeviceGetCount(self) -> int: ...
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any: ...
-    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> Any: ...
-    def nvmlDeviceGetUUID(self, handle: Any) -> str: ...
-    def nvmlDeviceGetName(self, handle: Any) -> str: ...
-    def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any: ...
-    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any: ...
-    def nvmlDeviceGetPowerUsage(self, handle: Any) -> int: ...
-    def nvmlDeviceGetClockInfo(self, handle: Any, clock: int) -> int: ...
-    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
-    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int: ...
-    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int: ...
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-# Index mapping ---------------------------------------------------------------------------------------
-
-
-def parse_visible_devices(value: str | None) -> list[str] | None:
-    """The entries of ``CUDA_VISIBLE_DEVICES`` as CUDA reads them, or ``None`` when it is unset.
-
-    CUDA stops at the first entry that is neither a non-negative integer nor a ``GPU-``/``MIG-`` UUID, so
-    ``"0,2,-1,3"`` exposes devices 0 and 2 only, and ``""`` exposes none.
-    """
-    if value is None:
-        return None
-    out: list[str] = []
-    for raw in value.split(","):
-        entry = raw.strip()
-        if entry.isdigit() or entry.upper().startswith(("GPU-", "MIG-")):
-            out.append(entry)
-        else:
-            break
-    return out
-
-
-def resolve_handle(
-    nvml: NvmlLibrary, torch_index: int, *, uuid: str | None = None, visible_devices: str | None = None
-) -> Any:
-    """The NVML handle of the GPU torch calls ``cuda:<torch_index>``.
-
-    Args:
-        nvml: The NVML library.
-        torch_index: torch's CUDA device index (counts visible devices only).
-        uuid: The device's UUID as torch reports it (``GPU-...`` or bare hex); tried first when given.
-        visible_devices: The value of ``CUDA_VISIBLE_DEVICES`` (``None``: unset, all devices visible).
-
-    Raises:
-        NvmlNotFound: No device matches.
-        NvmlError: Another NVML failure.
-    """
-    if uuid:
-        text = uuid if uuid.upper().startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-        try:
-            return _call(nvml.nvmlDeviceGetHandleByUUID, text)
-        except NvmlError as e:
-            log.debug("NVML does not know torch's UUID %s (%s); mapping the index instead", text, e)
-    entries = parse_visible_devices(visible_devices)
-    if entries is None:
-        return _call(nvml.nvmlDeviceGetHandleByIndex, torch_index)
-    if torch_index >= len(entries):
-        raise NvmlNotFound(
-            f"cuda:{torch_index} is not among the {len(entries)} device(s) of CUDA_VISIBLE_DEVICES={visible_devices!r}"
-        )
-    entry = entries[torch_index]
-    if entry.isdigit():
-        return _call(nvml.nvmlDeviceGetHandleByIndex, int(entry))
-    if entry.upper().startswith("MIG-"):
-        return _call(nvml.nvmlDeviceGetHandleByUUID, entry)
-    # CUDA accepts any unique prefix of a GPU UUID; NVML wants the whole UUID, so match by prefix.
-    prefix = entry.lower()
-    matches = []
-    for i in range(int(_call(nvml.nvmlDeviceGetCount))):
-        handle = _call(nvml.nvmlDeviceGetHandleByIndex, i)
-        if _text(_call(nvml.nvmlDeviceGetUUID, handle)).lower().startswith(prefix):
-            matches.append(handle)
-    if len(matches) != 1:
-        what = "no device" if not matches else f"{len(matches)} devices"
-        raise NvmlNotFound(f"CUDA_VISIBLE_DEVICES entry {entry!r} matches {what}")
-    return matches[0]
 
 
 # The sampler -----------------------------------------------------------------------------------------
@@ -293,6 +150,7 @@ class NvmlGpu:
     spec: tuple[str, dict[str, Any]] | None = None
     _unsupported: set[str] = field(default_factory=set, init=False, repr=False)
     _energy_last_mj: int | None = field(default=None, init=False, repr=False)
+    _throttle_calls: tuple[str, ...] = field(default=THROTTLE_CALLS, init=False, repr=False)
     _energy_total_mj: int = field(default=0, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
 
@@ -311,19 +169,32 @@ class NvmlGpu:
             return None
 
     def _util(self) -> Any:
-        return _call(self.nvml.nvmlDeviceGetUtilizationRates, self.handle)
+        return call(self.nvml.nvmlDeviceGetUtilizationRates, self.handle)
 
     def _throttle(self) -> int:
-        fn = getattr(self.nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-        if fn is None:
-            fn = getattr(self.nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
-        if fn is None:
-            raise NvmlNotSupported("no clock-event reasons in this pynvml")
-        return int(_call(fn, self.handle))
+        """The clock-event reason mask: ``nvmlDeviceGetCurrentClocksEventReasons`` (R535+ drivers), else the
+        older ``nvmlDeviceGetCurrentClocksThrottleReasons``. pynvml defines both and raises
+        FUNCTION_NOT_FOUND (:class:`NvmlNotSupported`, code 13) for the one the driver lacks; an older pynvml
+        may not define the newer name at all. The call that worked is remembered."""
+        last: NvmlError = NvmlNotSupported("no clock-event reasons in this pynvml")
+        for name in self._throttle_calls:
+            fn = getattr(self.nvml, name, None)
+            if fn is None:
+                continue
+            try:
+                mask = int(call(fn, self.handle))
+            except NvmlNotSupported as e:
+                if e.code != NVML_ERROR_FUNCTION_NOT_FOUND:
+                    raise
+                last = e
+                continue
+            self._throttle_calls = (name,)
+            return mask
+        raise last
 
     def _energy_j(self) -> float:
         """Energy since the sampler opened (J), from the counter's deltas (wrap-around handled)."""
-        raw = int(_call(self.nvml.nvmlDeviceGetTotalEnergyConsumption, self.handle))
+        raw = int(call(self.nvml.nvmlDeviceGetTotalEnergyConsumption, self.handle))
         if self._energy_last_mj is not None:
             self._energy_total_mj += (raw - self._energy_last_mj) % ENERGY_COUNTER_MODULUS_MJ
         self._energy_last_mj = raw
@@ -339,19 +210,19 @@ class NvmlGpu:
         if util is not None:
             row["gpu_util_pct"] = float(util.gpu)
             row["mem_util_pct"] = float(util.memory)
-        mem = self._read("mem_used_bytes", lambda: _call(self.nvml.nvmlDeviceGetMemoryInfo, self.handle))
+        mem = self._read("mem_used_bytes", lambda: call(self.nvml.nvmlDeviceGetMemoryInfo, self.handle))
         if mem is not None:
             row["mem_used_bytes"] = float(mem.used)
-        power_mw = self._read("power_w", lambda: _call(self.nvml.nvmlDeviceGetPowerUsage, self.handle))
+        power_mw = self._read("power_w", lambda: call(self.nvml.nvmlDeviceGetPowerUsage, self.handle))
         if power_mw is not None:
             row["power_w"] = power_mw / 1000.0
         clock_mhz = self._read(
-            "sm_clock_hz", lambda: _call(self.nvml.nvmlDeviceGetClockInfo, self.handle, NVML_CLOCK_SM)
+            "sm_clock_hz", lambda: call(self.nvml.nvmlDeviceGetClockInfo, self.handle, NVML_CLOCK_SM)
         )
         if clock_mhz is not None:
             row["sm_clock_hz"] = clock_mhz * 1e6
         temp = self._read(
-            "temperature_c", lambda: _call(self.nvml.nvmlDeviceGetTemperature, self.handle, NVML_TEMPERATURE_GPU)
+            "temperature_c", lambda: call(self.nvml.nvmlDeviceGetTemperature, self.handle, NVML_TEMPERATURE_GPU)
         )
         if temp is not None:
             row["temperature_c"] = float(temp)
@@ -426,13 +297,13 @@ def open_nvml_gpu(
             kwargs["nvml_factory"] = nvml_factory
         spec = ("bsprof.engine.nvml:open_nvml_gpu", kwargs)
     try:
-        _call(nvml.nvmlInit)
+        call(nvml.nvmlInit)
     except NvmlError as e:
         return NullGpu(f"pynvml: {e}")
     try:
         handle = resolve_handle(nvml, torch_index, uuid=uuid, visible_devices=visible_devices)  # type: ignore[arg-type]
         try:
-            name = _text(_call(nvml.nvmlDeviceGetName, handle))
+            name = text(call(nvml.nvmlDeviceGetName, handle))
         except NvmlError:
             name = ""
     except NvmlError as e:
@@ -442,17 +313,6 @@ def open_nvml_gpu(
             pass
         return NullGpu(f"pynvml: no NVML device for cuda:{torch_index}: {type(e).__name__}: {e}")
     return NvmlGpu(nvml=nvml, handle=handle, name=name, spec=spec)
-
-
-def torch_device_uuid(torch_index: int) -> str | None:
-    """The UUID torch reports for ``cuda:<torch_index>`` (``None`` if this torch does not expose it)."""
-    try:
-        import torch
-
-        value = getattr(torch.cuda.get_device_properties(torch_index), "uuid", None)
-    except Exception:  # noqa: BLE001 - no UUID means: fall back to the index mapping
-        return None
-    return str(value) if value else None
 
 
 def gpu_telemetry_reason(device: Any, *, nvml: NvmlLibrary | None = None) -> str | None:
@@ -472,3 +332,29 @@ def gpu_telemetry_reason(device: Any, *, nvml: NvmlLibrary | None = None) -> str
     if device.type != "cuda":
         return f"trials run on {device.type}; " + (nvml_reason or "NVML could read a GPU, but trials do not use one")
     return nvml_reason
+
+
+def driver_version(*, nvml: NvmlLibrary | None = None) -> tuple[str | None, str | None]:
+    """The NVIDIA driver's version (e.g. ``"550.54.15"``), or ``(None, reason)`` when NVML cannot say.
+
+    Args:
+        nvml: The NVML library; ``None`` imports ``pynvml``.
+    """
+    if nvml is None:
+        try:
+            nvml = _import_pynvml()
+        except ImportError:
+            return None, f"pynvml is not installed: {INSTALL_HINT}"
+    try:
+        call(nvml.nvmlInit)
+    except NvmlError as e:
+        return None, f"NVML unavailable: {type(e).__name__}: {e}"
+    try:
+        return text(call(nvml.nvmlSystemGetDriverVersion)), None
+    except NvmlError as e:
+        return None, f"NVML has no driver version: {type(e).__name__}: {e}"
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception as e:  # noqa: BLE001 - the version is read; a failed shutdown is only logged
+            log.debug("nvmlShutdown failed: %s", e)
