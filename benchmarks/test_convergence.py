@@ -22,7 +22,7 @@ import pytest
 from bsprof.benchmark_results import convergence_extra_info
 from bsprof.engine.convergence import run_convergence_trial
 from bsprof.engine.trial import TrialResult
-from bsprof.pytest_plugin import BsprofSession
+from bsprof.pytest_session import BsprofSession
 
 
 def test_convergence(benchmark: Any, bsprof: BsprofSession, convergence_batch_size: int) -> None:

@@ -1,17 +1,18 @@
-"""Throughput per batch size: pytest-benchmark times the engine's one training step.
+"""Throughput per batch size: the engine's throughput trial, its rounds timed by pytest-benchmark.
 
-Each benchmark builds a fresh :class:`~bsprof.engine.step.TrainingStep` (the object the CLI's throughput
-and convergence trials call) and hands ``benchmark.pedantic`` a callable that runs exactly one step and
-returns only after the device synchronised, so pytest-benchmark's timer measures finished work (on CUDA
-the launches are asynchronous; on the CPU the sync is a no-op). There is no other training loop and no
-other timer: the per-round times pytest-benchmark records *are* the step times.
+Each benchmark is :func:`~bsprof.engine.trial.run_throughput_trial` — the CLI's trial: fresh
+:class:`~bsprof.engine.step.TrainingStep`, memory reset, the session's one telemetry sampler process,
+the telemetry window, OOM handling and clean-up — with one part swapped: the rounds are timed by
+``benchmark.pedantic`` (:class:`~bsprof.pytest_session.PedanticTimer`), each round one training step
+followed by a device sync, so pytest-benchmark's timer measures finished work (on CUDA the launches are
+asynchronous; on the CPU the sync is a no-op). The per-round times pytest-benchmark records *are* the
+step times.
 
-Around the timed rounds the engine's :class:`~bsprof.engine.monitors.Monitor` window polls the host and
-(through NVML) the GPU at 20 Hz. ``extra_info`` holds, in SI units: ``samples_per_s`` (batch size / median
-round), ``step_time_s``, ``peak_mem_bytes`` (CUDA: ``max_memory_allocated``; CPU: peak RSS growth, a lower
-bound), ``gpu_util_pct``, ``power_w``, ``energy_j``, ``energy_per_sample_j`` — ``None`` with a
-``<field>_reason`` where not measured — and ``step_times_s``, every round's time, which ``bsprof compare``
-tests for significance.
+``extra_info`` holds, in SI units: ``samples_per_s`` (batch size / median round), ``step_time_s``,
+``peak_mem_bytes`` (CUDA: ``max_memory_allocated``; CPU: peak RSS growth, a lower bound),
+``mem_baseline_bytes`` (memory in use when the trial started), ``gpu_util_pct``, ``power_w``, ``energy_j``,
+``energy_per_sample_j`` — ``None`` with a ``<field>_reason`` where not measured — and ``step_times_s``,
+every round's time, which ``bsprof compare`` tests for significance.
 
 Rounds: first the engine's one timer warms the step up (``--bsprof-warmup-rounds`` steps) and estimates
 it over about 0.1 s; that estimate sizes the rounds to last ``--bsprof-min-time`` seconds (at least
@@ -25,72 +26,24 @@ Options: ``--bsprof-workload``, ``--bsprof-batch-sizes``, ``--bsprof-device``, `
 
 from __future__ import annotations
 
-import contextlib
-import time
 from typing import Any
 
 import pytest
-import torch
 
-from bsprof.benchmark_results import throughput_extra_info, throughput_result
-from bsprof.engine.device import synchronizer
-from bsprof.engine.monitors import Monitor
-from bsprof.engine.oom import free_memory, is_oom
-from bsprof.engine.step import TrainingStep
-from bsprof.engine.trial import default_gpu_sampler, failure_result
-from bsprof.pytest_plugin import BsprofSession
-
-MONITOR_HZ = 20.0
-ITERATIONS = 1  # one training step per round: the round times are step times
+from bsprof.benchmark_results import throughput_extra_info
+from bsprof.pytest_session import BsprofSession
 
 
 def test_throughput(benchmark: Any, bsprof: BsprofSession, throughput_batch_size: int) -> None:
     b = throughput_batch_size
     bsprof.check_runnable(b)
-    o = bsprof.options
-    spec = bsprof.spec("throughput", b)
-    device = bsprof.settings.device
-    sync = synchronizer(device)
-    started = time.time()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    gpu = default_gpu_sampler(device)
-    closing = contextlib.closing(gpu) if hasattr(gpu, "close") else contextlib.nullcontext()
-    try:
-        with closing, Monitor(gpu, hz=MONITOR_HZ).window() as window:
-            step = TrainingStep(bsprof.workload, batch_size=b, seed=spec.seed, lr=spec.lr, device=device)
-            rounds, probe_steps = bsprof.size_rounds(step, batch_size=b, sync=sync)
-
-            def one_step() -> None:
-                step()
-                sync()
-
-            benchmark.pedantic(one_step, rounds=rounds, iterations=ITERATIONS, warmup_rounds=o.warmup_rounds)
-    except Exception as exc:
-        if not is_oom(exc):
-            raise
-        bsprof.record(failure_result(spec, exc, device, started))
-        bsprof.note_oom(b)
-        free_memory(device)
-        pytest.skip(f"out of memory at batch size {b} on {device}")
-    if benchmark.disabled:  # --benchmark-disable: the step ran once, as a plain test
+    result = bsprof.run_throughput(benchmark, b)
+    if benchmark.disabled:  # --benchmark-disable: one untimed step of the trial, as a plain test
+        assert result.status == "ok", result.error
         return
-    expected = probe_steps + (o.warmup_rounds + rounds) * ITERATIONS
-    assert step.steps_done >= expected, f"engine bug: {step.steps_done} steps ran, {expected} were asked for"
-    round_times_s = list(benchmark.stats.stats.data)  # seconds per step, per round (pytest-benchmark's timer)
-    result = throughput_result(
-        device,
-        spec,
-        round_times_s=round_times_s,
-        iterations=ITERATIONS,
-        warmup_steps=probe_steps + o.warmup_rounds * ITERATIONS,
-        telemetry=window.telemetry,
-        started=started,
-        duration_s=time.time() - started,
-    )
-    benchmark.extra_info.update(
-        throughput_extra_info(
-            result, rounds=rounds, iterations=ITERATIONS, warmup_rounds=o.warmup_rounds, step_times_s=round_times_s
-        )
-    )
     bsprof.record(result)
+    if result.status == "oom":
+        bsprof.note_oom(b)
+        pytest.skip(f"out of memory at batch size {b} on {bsprof.device}")
+    assert result.status == "ok", result.error
+    benchmark.extra_info.update(throughput_extra_info(result, warmup_rounds=bsprof.options.warmup_rounds))

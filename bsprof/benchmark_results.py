@@ -1,9 +1,9 @@
-"""What the benchmark suite records: engine results as pytest-benchmark ``extra_info`` and as store trials.
+"""What the benchmark suite records of the engine's trials as pytest-benchmark ``extra_info``.
 
-Pure functions over :class:`~bsprof.engine.trial.TrialResult` objects (and, for throughput, pytest-benchmark's
-per-round times and the telemetry window), used by ``benchmarks/test_throughput.py`` and
-``benchmarks/test_convergence.py``. Units are SI and in every key; a field that was not measured is ``None``
-with a ``<field>_reason`` key saying why, never zero.
+Pure functions over :class:`~bsprof.engine.result.TrialResult` objects — the engine's trials, whose
+throughput rounds pytest-benchmark timed (:class:`bsprof.pytest_session.PedanticTimer`) — used by
+``benchmarks/test_throughput.py`` and ``benchmarks/test_convergence.py``. Units are SI and in every key; a
+field that was not measured is ``None`` with a ``<field>_reason`` key saying why, never zero.
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
+    from bsprof.engine.result import TrialResult
 
-    from bsprof.engine.telemetry import Telemetry
-    from bsprof.engine.trial import TrialResult, TrialSpec
-
-__all__ = ["convergence_extra_info", "throughput_extra_info", "throughput_result"]
+__all__ = ["convergence_extra_info", "throughput_extra_info"]
 
 
 def _with_reasons(out: dict[str, Any], values: Mapping[str, Any], reasons: Mapping[str, str], keys: Sequence[str]):
@@ -28,12 +25,18 @@ def _with_reasons(out: dict[str, Any], values: Mapping[str, Any], reasons: Mappi
             out[f"{k}_reason"] = reasons.get(k, "not measured")
 
 
-def throughput_extra_info(
-    result: TrialResult, *, rounds: int, iterations: int, warmup_rounds: int, step_times_s: Sequence[float]
-) -> dict[str, Any]:
+def throughput_extra_info(result: TrialResult, *, warmup_rounds: int) -> dict[str, Any]:
     """``extra_info`` of a throughput benchmark: what was measured (SI units), ``None`` plus a ``<key>_reason``
-    where not measured, and the per-round step times (for ``bsprof compare``)."""
+    where not measured, and the per-round step times (for ``bsprof compare``).
+
+    Args:
+        result: The trial (``ok``, with its step times: one block per pytest-benchmark round).
+        warmup_rounds: Untimed rounds pytest-benchmark ran first.
+    """
     m = result.metrics
+    times = result.step_times
+    if times is None:
+        raise ValueError(f"trial {result.spec} has no step times ({result.status})")
     out: dict[str, Any] = {
         "workload": result.spec.workload,
         "batch_size": result.spec.batch_size,
@@ -41,8 +44,8 @@ def throughput_extra_info(
         "lr": result.spec.lr,
         "device": result.device,
         "device_name": result.device_name,
-        "rounds": rounds,
-        "iterations": iterations,
+        "rounds": len(times.block_times_s),
+        "iterations": times.steps_per_block,
         "warmup_rounds": warmup_rounds,
         "samples_per_s": m.get("samples_per_s"),
         "step_time_s": m.get("step_time_s"),
@@ -52,7 +55,7 @@ def throughput_extra_info(
         out,
         m,
         result.reasons,
-        ("peak_mem_bytes", "gpu_util_pct", "power_w", "energy_j", "energy_per_sample_j"),
+        ("peak_mem_bytes", "mem_baseline_bytes", "gpu_util_pct", "power_w", "energy_j", "energy_per_sample_j"),
     )
     if out["peak_mem_bytes"] is not None:  # cuda_allocator, rss_vmhwm or rss_sampled (the engine's names)
         out["peak_mem_source"] = m.get("peak_mem_source") or result.reasons.get("peak_mem_bytes")
@@ -60,8 +63,8 @@ def throughput_extra_info(
         out["energy_source"] = m["energy_source"]
     # Process CPU use over the window (percent of one core). On the CPU, well below 100 x threads means other
     # processes of this machine took the core for part of the time; a hypervisor's stolen time does not show.
-    out["cpu_pct_mean"] = result.extra.get("cpu_pct_mean")
-    out["step_times_s"] = list(step_times_s)
+    out["cpu_pct_mean"] = result.extra.cpu_pct_mean
+    out["step_times_s"] = list(times.step_times_s)
     return out
 
 
@@ -108,45 +111,3 @@ def convergence_extra_info(results: Sequence[TrialResult], *, target: float | No
     if errors:
         out["errors"] = errors
     return out
-
-
-def throughput_result(
-    device: torch.device,
-    spec: TrialSpec,
-    *,
-    round_times_s: Sequence[float],
-    iterations: int,
-    warmup_steps: int,
-    telemetry: Telemetry,
-    started: float,
-    duration_s: float,
-) -> TrialResult:
-    """A :class:`TrialResult` from pytest-benchmark's per-round times (seconds per step) and the window's telemetry.
-
-    Each round is a block of ``iterations`` steps, so the engine's :class:`StepTimes` statistics (median, IQR,
-    samples/s) apply unchanged, and the trial can be stored like a sweep's.
-    """
-    from bsprof.engine.device import device_name
-    from bsprof.engine.telemetry import downsample_rows
-    from bsprof.engine.timing import StepTimes
-    from bsprof.engine.trial import TrialResult, throughput_metrics
-
-    times = StepTimes(tuple(t * iterations for t in round_times_s), iterations, spec.batch_size, warmup_steps)
-    metrics, reasons = throughput_metrics(times, telemetry, device)
-    return TrialResult(
-        spec=spec,
-        status="ok",
-        device=str(device),
-        device_name=device_name(device),
-        metrics=metrics,
-        reasons=reasons,
-        step_times=times,
-        started_at=started,
-        duration_s=duration_s,
-        extra={
-            "source": "pytest-benchmark",
-            "rel_iqr": times.rel_iqr,
-            "cpu_pct_mean": telemetry.cpu_pct_mean,
-            "telemetry": downsample_rows(telemetry.series),
-        },
-    )

@@ -159,8 +159,9 @@ def _with_trace_dir(settings: Any, store: Any, config: Any, workload: Any, *, fr
 
 
 def _print_profile_note(outcome: Any, trace_dir: str) -> None:
-    profiled = sorted({r.spec.batch_size for r in outcome.results if r.extra.get("trace_dir")})
-    failed = [r for r in outcome.results if r.extra.get("profile_error")]
+    profiles = [(r.spec.batch_size, r.extra.profile) for r in outcome.results if r.extra.profile is not None]
+    profiled = sorted({b for b, p in profiles if p.trace_dir})
+    failed = [p.error for _, p in profiles if p.error]
     root = Path(trace_dir).parent
     if profiled:
         sizes = ", ".join(map(str, profiled))
@@ -169,7 +170,7 @@ def _print_profile_note(outcome: Any, trace_dir: str) -> None:
     else:
         print("no trial was profiled: every throughput trial of this run was already stored (use --fresh)")
     if failed:
-        first = failed[0].extra["profile_error"]
+        first = failed[0]
         print(f"bsprof: profiling failed for {len(failed)} trial(s) (first: {first})", file=sys.stderr)
 
 

@@ -1,4 +1,4 @@
-"""The pytest door onto the trial engine: options, session state and fixtures of the ``benchmarks/`` suite.
+"""The pytest door onto the trial engine: options, hooks and fixtures of the ``benchmarks/`` suite.
 
 ``benchmarks/conftest.py`` registers this module with ``pytest_plugins``; it is *not* a global ``pytest11``
 entry point, so ``pytest tests/`` and other projects never load it. It only parses, calls the engine and
@@ -23,39 +23,28 @@ option                      environment variable     default
 ``--bsprof-threads``        ``BSPROF_THREADS``       ``auto``: 1 on the CPU, torch's choice on a GPU
 =========================== ======================== ===================================================
 
-Bad values are one :class:`pytest.UsageError` naming the option. Run state lives in a :class:`BsprofSession`
-on ``config.stash`` (no module globals). The suite refuses to run under pytest-xdist (parallel benchmarks
-measure each other), and a ``cuda`` device on a host without CUDA skips every case with the reason.
+Bad values are one :class:`pytest.UsageError` naming the option. Run state lives in a
+:class:`~bsprof.pytest_session.BsprofSession` on ``config.stash`` (no module globals). The suite refuses to
+run under pytest-xdist (parallel benchmarks measure each other), and a ``cuda`` device on a host without CUDA
+skips every case with the reason.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from bsprof.errors import BadInput
-
-if TYPE_CHECKING:
-    import torch
-
-    from bsprof.engine.convergence import ConvergenceSettings
-    from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec
-    from bsprof.store import Store
-    from bsprof.workload import Workload
+from bsprof.pytest_session import BsprofSession
 
 __all__ = [
-    "MAX_ROUNDS",
     "OPTIONS",
-    "PROBE_S",
     "BsprofOptions",
-    "BsprofSession",
     "bsprof",
     "parse_options",
     "pytest_addoption",
@@ -86,12 +75,6 @@ OPTIONS: dict[str, tuple[str, str | None, str]] = {
 
 _KEY = pytest.StashKey["BsprofSession"]()
 
-PROBE_S = 0.1
-"""Seconds of blocks the engine's timer runs to estimate a step before the rounds are sized."""
-
-MAX_ROUNDS = 20_000
-"""Most timed rounds per throughput benchmark (keeps the JSON small: pytest-benchmark stores every round)."""
-
 
 @dataclass(frozen=True)
 class BsprofOptions:
@@ -105,7 +88,7 @@ class BsprofOptions:
         target: Target metric, or ``None`` for the workload's.
         store: bsprof store to write the trials into, or ``None``.
         min_time_s: Timed seconds of a throughput benchmark, at least: the rounds are sized from the engine
-            timer's estimate of a step (:meth:`BsprofSession.size_rounds`).
+            timer's estimate of a step (:class:`~bsprof.pytest_session.PedanticTimer`).
         min_rounds: Timed rounds of a throughput benchmark (one training step each), at least.
         warmup_rounds: Untimed steps before them.
         max_time_s: Training seconds per convergence trial, at most.
@@ -193,185 +176,6 @@ def parse_options(get: Callable[[str], str | None], environ: Mapping[str, str] |
         max_time_s=_float("max-time", raw["max-time"] or "", positive=True),
         threads=None if threads == "auto" else _int("threads", threads, minimum=1),
     )
-
-
-@dataclass
-class BsprofSession:
-    """The suite's state for one pytest session (on ``config.stash``, like pytest-benchmark's session).
-
-    Attributes:
-        options: The validated options.
-        workload: The loaded workload.
-        device: The trials' device, or ``None`` when it is not available here (see ``skip_reason``).
-        skip_reason: Why every case is skipped (e.g. ``cuda`` asked for on a host without CUDA).
-        oom_floor: Smallest batch size that ran out of memory; larger ones are skipped without trying.
-        run_id: The store run of this session, opened at its first trial.
-    """
-
-    options: BsprofOptions
-    workload: Workload
-    device: torch.device | None
-    skip_reason: str | None = None
-    oom_floor: int | None = None
-    run_id: str | None = None
-    _store: Store | None = field(default=None, repr=False)
-    _primed: bool = field(default=False, repr=False)
-    _sampler: Any = field(default=None, repr=False)
-
-    @classmethod
-    def start(cls, options: BsprofOptions) -> BsprofSession:
-        """Load the workload and resolve the device.
-
-        Raises:
-            BadInput: Unknown workload, or a device that cannot exist here (``cuda:3`` on a 1-GPU host).
-        """
-        import torch
-
-        from bsprof.engine.device import resolve_device
-        from bsprof.workload import load_workload
-
-        workload = load_workload(options.workload_ref)
-        device, skip = None, None
-        if options.device_spec.startswith("cuda") and not torch.cuda.is_available():
-            skip = f"--bsprof-device {options.device_spec}: CUDA is not available on this host"
-        else:
-            device = resolve_device(options.device_spec)
-        return cls(options, workload, device, skip)
-
-    @property
-    def torch_threads(self) -> int | None:
-        """torch intra-op threads while a benchmark runs (``None``: left at torch's choice)."""
-        if self.options.threads is not None:
-            return self.options.threads
-        return 1 if self.device is not None and self.device.type == "cpu" else None
-
-    @contextlib.contextmanager
-    def thread_count(self) -> Iterator[None]:
-        """Set :attr:`torch_threads` for the ``with`` body and restore the previous count afterwards."""
-        import torch
-
-        threads, before = self.torch_threads, torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    @property
-    def settings(self) -> EngineSettings:
-        """Engine settings of the trials (device; eager, full precision)."""
-        from bsprof.engine.sampler_process import SamplerProcess
-        from bsprof.engine.trial import EngineSettings
-
-        if self.device is None:
-            raise RuntimeError(self.skip_reason or "no device")
-        if self._sampler is None:
-            self._sampler = SamplerProcess()  # one telemetry sampler process for the session's trials
-        return EngineSettings(device=self.device, sampler_process=self._sampler)
-
-    @property
-    def convergence(self) -> ConvergenceSettings:
-        """Budgets and target of the convergence benchmarks (the engine's defaults otherwise)."""
-        from bsprof.engine.convergence import ConvergenceSettings
-
-        return ConvergenceSettings(target=self.options.target, max_time_s=self.options.max_time_s)
-
-    @property
-    def target(self) -> float | None:
-        """The target metric of convergence benchmarks (``None``: the workload has none and none was given)."""
-        return self.options.target if self.options.target is not None else self.workload.target
-
-    def spec(self, kind: str, batch_size: int, seed: int = 0) -> TrialSpec:
-        """The trial identity at ``batch_size``, with the linear LR rule's learning rate."""
-        from bsprof.engine.lr import scaled_lr
-        from bsprof.engine.trial import TrialSpec
-
-        return TrialSpec(self.workload.name, kind, batch_size, seed, scaled_lr(self.workload, batch_size, "linear"))
-
-    def check_runnable(self, batch_size: int) -> None:
-        """Skip the calling test when the device is missing, or a smaller batch size already ran out of memory."""
-        if self.skip_reason:
-            pytest.skip(self.skip_reason)
-        if self.oom_floor is not None and batch_size >= self.oom_floor:
-            pytest.skip(f"not tried: batch size {self.oom_floor} already ran out of memory on {self.device}")
-
-    def prime(self) -> None:
-        """Once per session, a few untimed steps at the smallest batch size (as ``bsprof sweep`` does), so that
-        one-time process costs (lazy initialisation, data loading, first allocations) do not land on the
-        first benchmark's time and memory."""
-        if self._primed or self.device is None:
-            return
-        from bsprof.engine.sweep import prime_process
-
-        self._primed = True
-        prime_process(self.workload, self.settings, self.options.batch_sizes[0])
-
-    def size_rounds(self, step: Callable[[], object], *, batch_size: int, sync: Callable[[], None]) -> tuple[int, int]:
-        """Warm ``step`` up and size the timed rounds: (rounds, steps run here).
-
-        The engine's one timer (:func:`~bsprof.engine.timing.time_steps`) runs ``--bsprof-warmup-rounds``
-        steps, then blocks for about :data:`PROBE_S` seconds; its median step time sizes the rounds so that
-        they last ``--bsprof-min-time`` seconds: at least ``--bsprof-min-rounds``, at most :data:`MAX_ROUNDS`.
-        Its timings only size the rounds: the figures come from pytest-benchmark's rounds.
-        """
-        from bsprof.engine.timing import TimingSettings, time_steps
-
-        o = self.options
-        probe = TimingSettings(
-            warmup_steps=o.warmup_rounds, warmup_s=0.0, min_time_s=PROBE_S, min_steps=1, block_min_s=PROBE_S / 5,
-            min_blocks=3,
-        )  # fmt: skip
-        times = time_steps(step, batch_size=batch_size, settings=probe, sync=sync)
-        wanted = math.ceil(o.min_time_s / times.median_s) if times.median_s > 0 else o.min_rounds
-        return max(o.min_rounds, min(MAX_ROUNDS, wanted)), times.warmup_steps + times.measured_steps
-
-    def note_oom(self, batch_size: int) -> None:
-        self.oom_floor = batch_size if self.oom_floor is None else min(self.oom_floor, batch_size)
-
-    def record(self, result: TrialResult) -> None:
-        """Write ``result`` into the store given by ``--bsprof-store`` (nothing without one).
-
-        The session's run is opened at its first trial, always a new run (``fresh``): a benchmark session is
-        a measurement at one point in time, and ``bsprof report`` shows the latest run per workload.
-        """
-        if self.options.store is None:
-            return
-        if self._store is None:
-            from bsprof.environment import collect_environment
-            from bsprof.store import Store
-
-            self._store = Store(self.options.store, create=True)
-            run = self._store.open_run(
-                self.workload.name, self._run_config(), collect_environment(self.settings.device),
-                fresh=True,
-            )  # fmt: skip
-            self.run_id = run.run_id
-        assert self.run_id is not None
-        self._store.add_trial(self.run_id, result)
-
-    def _run_config(self) -> dict[str, Any]:
-        o = self.options
-        engine = self.settings.config()
-        engine["timing"] = {"pytest_benchmark": [o.min_time_s, o.min_rounds, o.warmup_rounds]}
-        return {
-            "source": "pytest-benchmark",
-            "workload": self.workload.config(),
-            "workload_ref": o.workload_ref,
-            "kinds": ["convergence", "throughput"],
-            "lr_rule": "linear",
-            "tune_lr": 0,
-            "convergence": self.convergence.config(),
-            "engine": engine,
-        }
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-        if self._sampler is not None:
-            self._sampler.close()
-            self._sampler = None
 
 
 # --- hooks ------------------------------------------------------------------------------------------------

@@ -289,7 +289,7 @@ class Store:
                     _json(result.metrics),
                     _json(result.reasons),
                     step_json,
-                    _json(result.extra),
+                    _json(result.extra.to_json()),
                 ),
             )
             if cur.rowcount == 0:

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bsprof.engine.trial import TrialResult, TrialSpec
+from bsprof.engine.result import ProfileInfo, TrialExtra, TrialResult, TrialSpec
 from bsprof.store import Store
 
 S_MIN, B_NOISE = 10.0, 256.0
@@ -74,17 +74,15 @@ def throughput_trial(
         for k in ("gpu_util_pct", "power_w", "energy_j", "energy_per_sample_j"):
             metrics[k] = None
             reasons[k] = "trial ran on cpu, not a GPU"
-    extra: dict[str, Any] = {}
+    extra = TrialExtra()
     if top_ops:
-        extra = {
-            "trace_dir": f"reports/traces/run/{workload}-B{b}",
-            "top_ops": [
-                {"name": "aten::mm", "self_cpu_s_per_step": 1e-4 * b / 8, "self_device_s_per_step": None},
-                {"name": "aten::addmm", "self_cpu_s_per_step": 5e-5 * b / 8},
-                {"name": "Optimizer.step#SGD.step", "self_cpu_s_per_step": 2e-4},
-                {"name": "aten::copy_", "self_cpu_s_per_step": 1e-5},
-            ],
-        }
+        ops = (
+            {"name": "aten::mm", "self_cpu_s_per_step": 1e-4 * b / 8, "self_device_s_per_step": None},
+            {"name": "aten::addmm", "self_cpu_s_per_step": 5e-5 * b / 8},
+            {"name": "Optimizer.step#SGD.step", "self_cpu_s_per_step": 2e-4},
+            {"name": "aten::copy_", "self_cpu_s_per_step": 1e-5},
+        )
+        extra = TrialExtra(profile=ProfileInfo(trace_dir=f"reports/traces/run/{workload}-B{b}", top_ops=ops))
     return TrialResult(spec, "ok", device, "Fake GPU", metrics, reasons, extra=extra, duration_s=1.0)
 
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, ref
 
 from bsprof.benchmark_results import convergence_extra_info, throughput_extra_info
+from bsprof.engine.timing import StepTimes
 from bsprof.engine.trial import TrialResult, TrialSpec
 from bsprof.errors import BadInput
 from bsprof.pytest_plugin import OPTIONS, BsprofOptions, _under_xdist, parse_options
@@ -102,9 +103,11 @@ def test_throughput_extra_info_says_why_gpu_fields_are_empty() -> None:
     metrics = {"samples_per_s": 80.0, "step_time_s": 0.1, "peak_mem_bytes": 4096, "peak_mem_source": "rss_vmhwm"}
     metrics |= dict.fromkeys(GPU_KEYS)
     reasons = {k: "trial ran on cpu, not a GPU" for k in GPU_KEYS}
-    result = TrialResult(spec, "ok", "cpu", "cpu", metrics, reasons)
-    info = throughput_extra_info(result, rounds=3, iterations=1, warmup_rounds=1, step_times_s=[0.1, 0.1, 0.2])
+    times = StepTimes((0.1, 0.1, 0.2), steps_per_block=1, batch_size=8, warmup_steps=12)
+    result = TrialResult(spec, "ok", "cpu", "cpu", metrics, reasons, step_times=times)
+    info = throughput_extra_info(result, warmup_rounds=1)
     assert info["samples_per_s"] == 80.0 and info["step_times_s"] == [0.1, 0.1, 0.2]
+    assert (info["rounds"], info["iterations"], info["warmup_rounds"]) == (3, 1, 1)
     assert info["peak_mem_bytes"] == 4096 and info["peak_mem_source"] == "rss_vmhwm"
     for k in GPU_KEYS:
         assert info[k] is None and info[f"{k}_reason"] == "trial ran on cpu, not a GPU"
@@ -185,6 +188,42 @@ def test_a_session_fills_extra_info(suite: pytest.Pytester, monkeypatch: pytest.
         ("throughput", 8), ("throughput", 16),
     ]  # fmt: skip
     assert all(r["step_times"]["block_times_s"] for r in rows if r["kind"] == "throughput")
+
+
+_COUNT_SAMPLER_STARTS = """
+
+import multiprocessing.process
+
+_starts = []
+_start = multiprocessing.process.BaseProcess.start
+
+
+def _counting_start(self):
+    _starts.append(self.name)
+    return _start(self)
+
+
+multiprocessing.process.BaseProcess.start = _counting_start
+
+
+def pytest_unconfigure(config):
+    with open("process_starts.txt", "w") as f:
+        f.write("\\n".join(_starts))
+"""
+
+
+def test_throughput_benchmarks_share_one_sampler_process(suite: pytest.Pytester) -> None:
+    """A sweep starts one telemetry sampler process; so does a session of throughput benchmarks (it was one per
+    benchmark), whatever the number of batch sizes."""
+    conftest = suite.path / "conftest.py"
+    conftest.write_text(conftest.read_text(encoding="utf-8") + _COUNT_SAMPLER_STARTS, encoding="utf-8")
+    result, doc = _run(
+        suite, "--bsprof-workload", TINY, "--bsprof-batch-sizes", "8,16,32,64", *FAST, "-k", "throughput"
+    )
+    result.assert_outcomes(passed=4, deselected=4)
+    assert len(doc["benchmarks"]) == 4
+    starts = (suite.path / "process_starts.txt").read_text().split()
+    assert starts == ["bsprof-sampler"]
 
 
 def test_bad_option_is_one_usage_error(suite: pytest.Pytester) -> None:

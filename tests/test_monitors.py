@@ -286,7 +286,7 @@ def test_trials_share_one_sampler_process() -> None:
         for seed in range(2):
             result = run_throughput_trial(DigitsMLP(), TrialSpec("digits-mlp", "throughput", 32, seed, 0.01), settings)
             assert result.status == "ok", result.error
-            assert result.extra["monitor_mode"] == "process"
+            assert result.extra.monitor_mode == "process"
             assert result.metrics["power_w"] == 200.0
             assert result.step_times is not None
             assert result.metrics["energy_j"] == pytest.approx(200.0 * result.step_times.measured_s, rel=0.02)
@@ -338,7 +338,7 @@ def test_trial_stores_gpu_metrics_matching_the_injected_series(
     samples = times.measured_steps * spec.batch_size
     assert m["energy_per_sample_j"] == pytest.approx(m["energy_j"] / samples)
     assert fakes[0].shutdowns == 1  # the trial closed its sampler
-    telemetry = result.extra["telemetry"]
+    telemetry = result.extra.telemetry
     assert 2 <= len(telemetry) <= 2000 and telemetry[-1]["gpu_util_pct"] == 73.0
 
     with Store(tmp_path / "s.db", create=True) as store:  # type: ignore[operator]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bsprof.engine.result import ProfileInfo, TrialExtra
 from bsprof.engine.timing import StepTimes
 from bsprof.engine.trial import TrialResult, TrialSpec
 from bsprof.errors import BadInput
@@ -83,7 +84,7 @@ def test_add_trial_round_trips_metrics_step_times_extra_and_curve(store: Store) 
         16,
         step_times=StepTimes((0.2, 0.4, 0.3), steps_per_block=2, batch_size=16, warmup_steps=5),
         reasons={"gpu_util_pct": "no GPU"},
-        extra={"note": [1, 2]},
+        extra=EXTRA,
         curve=[{"step": 1.0, "val_metric": 0.5}, {"step": 2.0, "val_metric": None}],
     )
     assert store.add_trial(run.run_id, result) is True
@@ -92,9 +93,57 @@ def test_add_trial_round_trips_metrics_step_times_extra_and_curve(store: Store) 
     assert row["samples_per_s"] == 100.0
     assert row["reasons"] == {"gpu_util_pct": "no GPU"}
     assert row["step_times"] == {"block_times_s": [0.2, 0.4, 0.3], "steps_per_block": 2, "warmup_steps": 5}
-    assert row["extra"] == {"note": [1, 2]}
+    assert TrialExtra.from_json(row["extra"]) == EXTRA
     assert row["started_at"] == 1016.0
     assert store.curve(row["trial_id"]) == [{"step": 1.0, "val_metric": 0.5}, {"step": 2.0, "val_metric": None}]
+
+
+EXTRA = TrialExtra(
+    rel_iqr=0.04,
+    cpu_pct_mean=98.5,
+    telemetry=({"t_s": 0.0, "rss_bytes": 1e6}, {"t_s": 0.05, "rss_bytes": 2e6}),
+    gpu_sampler="trial ran on cpu, not a GPU",
+    monitor_mode="process",
+    profile=ProfileInfo(
+        trace_dir="traces/run/tiny-B16",
+        trace_files=("a.pt.trace.json",),
+        top_ops=({"name": "aten::mm", "self_cpu_s_per_step": 1e-4},),
+        top_ops_sort="self_cpu_s_per_step",
+        active_steps=3,
+    ),
+)
+
+
+def test_extra_of_a_store_written_before_the_typed_extra_reads_back() -> None:
+    """bsprof 0.1 stored the engine's by-products as a free dict with the same flat keys."""
+    old = {
+        "cpu_pct_mean": 97.0,
+        "rel_iqr": 0.02,
+        "telemetry": [{"t_s": 0.0, "cpu_pct": 97.0}],
+        "gpu_sampler": "NvmlGpu",
+        "monitor_mode": "thread",
+        "trace_dir": "reports/traces/r/w-B8",
+        "top_ops": [{"name": "aten::addmm", "self_cpu_s_per_step": 2e-5}],
+        "profile_active_steps": 3,
+        "note": "a key no engine wrote is ignored",
+    }
+    extra = TrialExtra.from_json(old)
+    assert (extra.cpu_pct_mean, extra.rel_iqr, extra.gpu_sampler, extra.monitor_mode) == (
+        97.0,
+        0.02,
+        "NvmlGpu",
+        "thread",
+    )
+    assert extra.telemetry == ({"t_s": 0.0, "cpu_pct": 97.0},) and extra.source == "engine"
+    assert extra.profile == ProfileInfo(
+        trace_dir="reports/traces/r/w-B8",
+        top_ops=({"name": "aten::addmm", "self_cpu_s_per_step": 2e-5},),
+        active_steps=3,
+    )
+    assert TrialExtra.from_json({"skipped_after_oom": True}) == TrialExtra(skipped_after_oom=True)
+    assert TrialExtra.from_json({}) == TrialExtra.from_json(None) == TrialExtra()
+    assert TrialExtra.from_json({"profile_error": "RuntimeError: x"}).profile == ProfileInfo(error="RuntimeError: x")
+    assert TrialExtra.from_json({"rel_iqr": "fast", "telemetry": "oops"}) == TrialExtra()  # wrong types: defaults
 
 
 def test_add_trial_never_duplicates_a_key(store: Store) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import FAST, THROUGHPUT, CliResult, ref
 
+from bsprof.engine.result import TrialExtra
 from bsprof.engine.sweep import SweepConfig, SweepOutcome, plan_trials, run_sweep
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec
 from bsprof.store import Store
@@ -143,7 +144,7 @@ def test_oom_skips_larger_sizes_without_trying_them(tiny: Workload, store: Store
     by_size = {(r.spec.batch_size, r.spec.repeat): r for r in out.results}
     for key in [(512, 0), (1024, 0), (256, 1), (512, 1), (1024, 1)]:
         assert by_size[key].status == "oom"
-        assert by_size[key].extra == {"skipped_after_oom": True}
+        assert by_size[key].extra == TrialExtra(skipped_after_oom=True)
         assert "not tried" in (by_size[key].error or "")
     assert by_size[(256, 0)].error == "injected oom"
     assert len(store.trial_rows()) == 10
@@ -163,7 +164,7 @@ def test_no_skip_larger_tries_every_size(tiny: Workload, store: Store) -> None:
     out = _sweep(_config((64, 128, 256, 512, 1024), repeats=1, skip_larger_after_oom=False), tiny, store, runner)
     assert runner.sizes == [64, 128, 256, 512, 1024]
     assert [r.status for r in out.results] == ["ok", "ok", "oom", "oom", "oom"]
-    assert all(r.extra == {} for r in out.results)
+    assert all(not r.extra.skipped_after_oom for r in out.results)
 
 
 # --- the same through the CLI (in-process, real trials on the tiny workload) ----------------------------

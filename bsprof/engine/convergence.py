@@ -8,7 +8,9 @@ the bracket — the evaluation before it — is stored, so ``(steps_to_target - 
 is at most the resolution. ``--eval-every N`` fixes the period instead.
 
 Clocks: training seconds are measured with the device synchronised before every clock read and exclude
-evaluation, whose seconds are stored separately (``eval_time_s``).
+evaluation, whose seconds are stored separately (``eval_time_s``). With ``torch.compile`` the graphs are
+compiled before the clock starts (one forward and backward that leave the trial's state untouched), and the
+compilation's seconds are stored as ``compile_time_s``.
 
 Divergence: the training loss is checked at every evaluation and at least every ``check_every`` steps;
 a non-finite loss, or one above ``explode_factor`` times the first step's loss, ends the trial as
@@ -24,14 +26,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bsprof.engine.device import device_name, synchronizer
+from bsprof.engine.device import synchronizer
 from bsprof.engine.step import TrainingStep
-from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, failure_result
+from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, begin_trial, ended, run_guarded
 
 if TYPE_CHECKING:
     from bsprof.workload import Split, Workload
@@ -148,24 +151,12 @@ def run_convergence_trial(
         and the learning curve. Status ``ok`` when the target was reached, else ``budget_exhausted``,
         ``diverged``, ``oom`` or ``error``.
     """
-    device = settings.device
     started = time.time()
     target = conv.target if conv.target is not None else workload.target
     if target is None:
-        return TrialResult(
-            spec=spec,
-            status="error",
-            device=str(device),
-            device_name=device_name(device),
-            error=f"workload {workload.name} has no target; pass --target",
-            started_at=started,
-        )
-    try:
-        return _train(workload, spec, settings, conv, target, started)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a stored trial
-        return failure_result(spec, exc, device, started)
+        error = f"workload {workload.name} has no target; pass --target"
+        return ended(spec, "error", settings.device, started, error=error)
+    return run_guarded(lambda: _train(workload, spec, settings, conv, target, started), spec, settings.device, started)
 
 
 def _train(
@@ -178,7 +169,9 @@ def _train(
 ) -> TrialResult:
     device = settings.device
     sync = synchronizer(device)
+    begin_trial(settings)
     step = TrainingStep.for_trial(workload, spec, settings)
+    compile_s = _compile_before_the_clock(step, sync) if settings.compile else None
     val = workload.val_split().to(device)
     probe_n = min(conv.probe_size, len(step.train))
     probe = type(val)(step.train.inputs[:probe_n], step.train.targets[:probe_n])
@@ -311,6 +304,8 @@ def _train(
         "target_fallbacks": fallbacks,
         "evaluations": sum(1 for r in curve if r.get("val_metric") is not None),
     }
+    if compile_s is not None:
+        metrics["compile_time_s"] = compile_s
     reasons = (
         {}
         if reached
@@ -319,15 +314,15 @@ def _train(
             for k in ("steps_to_target", "samples_to_target", "epochs_to_target", "time_to_target_s")
         }
     )
-    return TrialResult(
-        spec=spec,
-        status=status,
-        device=str(device),
-        device_name=device_name(device),
-        metrics=metrics,
-        reasons=reasons,
-        error=error,
-        started_at=started,
-        duration_s=time.time() - started,
-        curve=curve,
-    )
+    return ended(spec, status, device, started, metrics=metrics, reasons=reasons, error=error, curve=curve)
+
+
+def _compile_before_the_clock(step: TrainingStep, sync: Callable[[], None]) -> float:
+    """Compile the trial's forward and backward graphs before training starts (seconds it took), so that
+    compilation never counts as training time; the trial's state is left as it was (see
+    :meth:`~bsprof.engine.step.TrainingStep.warm_up_compiled`)."""
+    sync()
+    t0 = time.perf_counter()
+    step.warm_up_compiled()
+    sync()
+    return time.perf_counter() - t0

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from bsprof.engine.device import synchronizer
 from bsprof.engine.oom import free_memory, is_oom
 from bsprof.engine.step import TrainingStep
+from bsprof.engine.trial import begin_trial
 from bsprof.errors import MeasurementFailed
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def probe_fits(
     """Whether ``steps`` training steps at ``batch_size`` run without running out of memory."""
     step: TrainingStep | None = None
     try:
+        begin_trial(settings)  # a clean allocator, and (compiling) no graphs of earlier probes
         step = TrainingStep(
             workload,
             batch_size=batch_size,
@@ -57,6 +59,7 @@ def probe_fits(
             device=settings.device,
             amp=settings.amp,
             compile=settings.compile,
+            compile_backend=settings.compile_backend,
         )
         for _ in range(steps):
             step()

@@ -1,4 +1,4 @@
-"""Recognising out-of-memory failures.
+"""Recognising out-of-memory failures, and freeing memory between trials.
 
 The typed check comes first: :class:`torch.OutOfMemoryError` (CUDA, and other accelerators that raise it)
 anywhere in the exception's ``__cause__`` / ``__context__`` chain, so an OOM re-wrapped by a compiled
@@ -17,7 +17,7 @@ import gc
 
 import torch
 
-__all__ = ["OOM_MESSAGES", "free_memory", "is_oom"]
+__all__ = ["OOM_MESSAGES", "free_memory", "is_oom", "reset_peak_memory"]
 
 OOM_MESSAGES = (
     "can't allocate memory",  # CPU: DefaultCPUAllocator
@@ -53,7 +53,31 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def free_memory(device: torch.device) -> None:
-    """Release what an aborted trial left behind: garbage, and the CUDA caching allocator's blocks."""
+    """Release what an ended trial left behind: garbage, then (CUDA) the caching allocator's unused blocks.
+
+    Call it only once nothing refers to the trial any more — in particular after the ``except`` block that
+    caught its failure has ended, since the exception's traceback holds the trial's frames (model, batch,
+    activations) until then, and the allocator cannot release blocks that are still in use.
+    """
     gc.collect()
     if device.type == "cuda":
+        torch.cuda.synchronize(device)  # blocks freed by queued kernels return to the cache first
         torch.cuda.empty_cache()
+
+
+def reset_peak_memory(device: torch.device) -> int | None:
+    """Free memory (:func:`free_memory`), then restart the allocator's peak statistics; at a trial's start.
+
+    ``torch.cuda.reset_peak_memory_stats`` sets each peak to the allocator's *current* value: without the
+    clean-up first, the reserved peak of a small trial would start at what an earlier, larger trial left
+    reserved in the cache.
+
+    Returns:
+        Bytes still allocated on the CUDA device after the clean-up — the trial's baseline, which grows from
+        trial to trial when something leaks — or ``None`` on other devices.
+    """
+    free_memory(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(torch.cuda.memory_allocated(device))

@@ -9,7 +9,7 @@ all call this same object.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -89,7 +89,8 @@ class TrainingStep:
         lr: Learning rate given to the workload's optimizer factory.
         device: Where model and data live.
         amp: ``off``, ``bf16`` or ``fp16`` (fp16 on CUDA uses a gradient scaler).
-        compile: Wrap the model with ``torch.compile``.
+        compile: Wrap the model with ``torch.compile`` (static shapes: every batch of a trial has one shape).
+        compile_backend: ``torch.compile``'s ``backend``.
     """
 
     def __init__(
@@ -102,13 +103,14 @@ class TrainingStep:
         device: torch.device,
         amp: str = "off",
         compile: bool = False,
+        compile_backend: Any = "inductor",
     ) -> None:
         self.workload = workload
         self.batch_size = batch_size
         self.device = device
         self.model = workload.build_model(seed).to(device)
         self.model.train()
-        self._forward = torch.compile(self.model) if compile else self.model
+        self._forward = torch.compile(self.model, dynamic=False, backend=compile_backend) if compile else self.model
         self.optimizer = workload.make_optimizer(self.model.parameters(), lr)
         self.train: Split = workload.train_split().to(device)
         self.batcher = IndexBatcher(len(self.train), batch_size, seed, device)
@@ -132,7 +134,36 @@ class TrainingStep:
             device=settings.device,
             amp=settings.amp,
             compile=settings.compile if compile is None else compile,
+            compile_backend=settings.compile_backend,
         )
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and loss, under autocast when mixed precision is on."""
+        if self._autocast is None:
+            return self.workload.loss(self._forward(inputs), targets)
+        with self._autocast():
+            return self.workload.loss(self._forward(inputs), targets)
+
+    def warm_up_compiled(self) -> None:
+        """Compile the forward and backward graphs now: one forward and backward on a batch of the trial's
+        shape, with no optimizer step, after which parameters, buffers (e.g. batch-norm statistics),
+        gradients, the RNG and the batch order are as they were. Nothing to do without ``compile``."""
+        if self._forward is self.model:
+            return
+        idx = torch.arange(self.batch_size, device=self.device) % len(self.train)
+        buffers = {k: v.detach().clone() for k, v in self.model.named_buffers()}
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        loss = self._loss(self.train.inputs[idx], self.train.targets[idx])
+        (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+        self.model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            named = dict(self.model.named_buffers())
+            for k, v in buffers.items():
+                named[k].copy_(v)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group (for warm-up schedules)."""
@@ -146,13 +177,7 @@ class TrainingStep:
         ``backward()``, but detach it before accumulating it across steps.
         """
         idx = self.batcher.next()
-        inputs = self.train.inputs[idx]
-        targets = self.train.targets[idx]
-        if self._autocast is None:
-            loss = self.workload.loss(self._forward(inputs), targets)
-        else:
-            with self._autocast():
-                loss = self.workload.loss(self._forward(inputs), targets)
+        loss = self._loss(self.train.inputs[idx], self.train.targets[idx])
         if self._scaler is None:
             loss.backward()
             self.optimizer.step()

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from bsprof.engine.convergence import ConvergenceSettings, run_convergence_trial
 from bsprof.engine.lr import scaled_lr
+from bsprof.engine.result import TrialExtra
 from bsprof.engine.sampler_process import SamplerProcess
-from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, run_throughput_trial
+from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, ended, run_throughput_trial
 from bsprof.environment import collect_environment
 
 if TYPE_CHECKING:
@@ -266,14 +267,8 @@ def _run_one(
     if progress:
         progress(spec, None, done, total)
     if state.oom_floor is not None and spec.batch_size >= state.oom_floor:
-        result = TrialResult(
-            spec=spec,
-            status="oom",
-            device=str(settings.device),
-            error=f"not tried: batch size {state.oom_floor} already ran out of memory (use --no-skip-larger)",
-            started_at=time.time(),
-            extra={"skipped_after_oom": True},
-        )
+        error = f"not tried: batch size {state.oom_floor} already ran out of memory (use --no-skip-larger)"
+        result = ended(spec, "oom", settings.device, time.time(), error=error, extra=TrialExtra(skipped_after_oom=True))
     else:
         result = runners[spec.kind](workload, spec, settings)
     if result.status == "oom" and state.skip_larger:

@@ -1,8 +1,21 @@
-"""One trial: a (workload, kind, batch size, seed, lr, repeat) measurement, and its outcome.
+"""The throughput trial, and what every trial shares: its settings, its start and how it ends.
 
-A trial always ends in a :class:`TrialResult` with a status — ``ok``, ``oom``, ``diverged``,
-``budget_exhausted`` or ``error`` — so that the sweep can store it and go on. Only ``KeyboardInterrupt``
-and ``SystemExit`` escape.
+:func:`run_throughput_trial` is the one throughput trial: the CLI's sweeps and the pytest-benchmark suite
+both run it. Its only pluggable part is how the rounds are timed — a :class:`RoundTimer`: the engine's
+:class:`EngineTimer` (:func:`~bsprof.engine.timing.time_steps`) or the suite's ``benchmark.pedantic``
+(:class:`bsprof.pytest_session.PedanticTimer`). Memory reset, sampler, telemetry window, OOM handling,
+clean-up and the result are the same for both.
+
+A trial always ends in a :class:`~bsprof.engine.result.TrialResult` (built by :func:`ended`) with a status
+from :data:`~bsprof.engine.result.STATUSES`, so that the sweep can store it and go on. Only
+``KeyboardInterrupt`` and ``SystemExit`` escape.
+
+Memory between trials (:func:`begin_trial`, :func:`run_guarded`): a failed trial's result is built only
+*after* its ``except`` block has ended, when the traceback — which holds the failed trial's model, batch and
+activations — is gone; only then is memory freed, so the CUDA caching allocator can return that
+reservation. Every trial starts with ``gc.collect()``, a device sync and ``empty_cache()`` before the peak
+statistics are reset (``reset_peak_memory_stats`` resets the peaks only to what is *currently* reserved), and
+records the bytes still allocated as ``mem_baseline_bytes``: a baseline that grows across trials is a leak.
 """
 
 from __future__ import annotations
@@ -11,15 +24,17 @@ import contextlib
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
 from bsprof.engine.device import device_name, synchronizer
 from bsprof.engine.monitors import Monitor
-from bsprof.engine.oom import free_memory, is_oom
+from bsprof.engine.oom import free_memory, is_oom, reset_peak_memory
+from bsprof.engine.result import ProfileInfo, TrialExtra, TrialResult, TrialSpec
 from bsprof.engine.samplers import GpuSampler, NullGpu
 from bsprof.engine.step import TrainingStep
 from bsprof.engine.telemetry import Telemetry, downsample_rows, measured_gpu_metrics
@@ -29,46 +44,20 @@ if TYPE_CHECKING:
     from bsprof.workload import Workload
 
 __all__ = [
-    "KINDS",
-    "STATUSES",
     "EngineSettings",
+    "EngineTimer",
+    "RoundTimer",
     "TrialResult",
     "TrialSpec",
+    "begin_trial",
+    "ended",
     "memory_metrics",
+    "run_guarded",
     "run_throughput_trial",
     "throughput_metrics",
 ]
 
 log = logging.getLogger(__name__)
-
-KINDS = ("throughput", "convergence")
-STATUSES = ("ok", "oom", "diverged", "budget_exhausted", "error")
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """What a trial measures; its identity in the store.
-
-    Attributes:
-        workload: Workload name.
-        kind: ``throughput`` or ``convergence``.
-        batch_size: Samples per step.
-        seed: Seeds model initialisation and batch order.
-        lr: Learning rate.
-        repeat: Round of a throughput sweep's rotation (0-based); 0 for convergence.
-        phase: ``main``; with LR tuning, ``tune`` or ``final`` (not part of the key: seeds differ).
-    """
-
-    workload: str
-    kind: str
-    batch_size: int
-    seed: int
-    lr: float
-    repeat: int = 0
-    phase: str = "main"
-
-    def key(self) -> tuple[str, int, int, float, int]:
-        return (self.kind, self.batch_size, self.seed, round(self.lr, 12), self.repeat)
 
 
 @dataclass(frozen=True)
@@ -78,7 +67,8 @@ class EngineSettings:
     Attributes:
         device: The torch device of every trial.
         amp: ``off``, ``bf16`` or ``fp16``.
-        compile: Use ``torch.compile``.
+        compile: Use ``torch.compile`` (static shapes; dynamo is reset at every trial's start).
+        compile_backend: ``torch.compile``'s ``backend`` (a name, or a callable: tests count compilations).
         timing: Warm-up and measurement lengths of throughput trials.
         monitor_hz: Telemetry polls per second.
         gpu_sampler_factory: Builds the GPU sampler for the device; ``None`` uses :func:`default_gpu_sampler`.
@@ -87,13 +77,14 @@ class EngineSettings:
         trace_dir: Folder of this run's traces; each batch size writes into ``<trace_dir>/<workload>-B<b>``.
         peak_tflops: Peak TFLOP/s for MFU, overriding the GPU table (and allowing MFU on the CPU).
         sampler_process: The telemetry sampler process every trial's monitor shares (a
-            :class:`~bsprof.engine.monitors.SamplerProcess`; :func:`~bsprof.engine.sweep.run_sweep` starts
+            :class:`~bsprof.engine.sampler_process.SamplerProcess`; :func:`~bsprof.engine.sweep.run_sweep` starts
             one per sweep); ``None``: each trial's monitor starts and ends its own.
     """
 
     device: torch.device
     amp: str = "off"
     compile: bool = False
+    compile_backend: Any = "inductor"
     timing: TimingSettings = field(default_factory=TimingSettings)
     monitor_hz: float = 20.0
     gpu_sampler_factory: Any = None
@@ -105,13 +96,17 @@ class EngineSettings:
     def config(self) -> dict[str, object]:
         """The settings that change measurements; part of a run's config hash."""
         t = self.timing
-        return {
+        out: dict[str, object] = {
             "device": str(self.device),
             "amp": self.amp,
             "compile": self.compile,
             "timing": [t.warmup_steps, t.warmup_s, t.min_time_s, t.min_steps, t.block_min_s, t.min_blocks],
             "torch_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
         }
+        if self.compile and self.compile_backend != "inductor":
+            backend = self.compile_backend
+            out["compile_backend"] = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
+        return out
 
 
 def default_gpu_sampler(device: torch.device) -> GpuSampler:
@@ -125,46 +120,99 @@ def default_gpu_sampler(device: torch.device) -> GpuSampler:
     return open_nvml_gpu(index, uuid=torch_device_uuid(index))
 
 
-@dataclass
-class TrialResult:
-    """What a trial produced. Metric names carry their units (``step_time_s``, ``peak_mem_bytes``).
+# --- what every trial shares: its start, its end, its failure ------------------------------------------------
+
+
+def begin_trial(settings: EngineSettings) -> int | None:
+    """Start a trial from a clean slate: a fresh ``torch.compile`` cache (when compiling), garbage collected,
+    the allocator's unused blocks released, peak statistics reset.
+
+    Returns:
+        Bytes allocated on the device after the clean-up (CUDA), ``None`` elsewhere.
+    """
+    if settings.compile:
+        torch._dynamo.reset()  # compiled graphs of earlier trials never serve (or reshape) this one
+    return reset_peak_memory(settings.device)
+
+
+def ended(spec: TrialSpec, status: str, device: torch.device, started: float, **fields: Any) -> TrialResult:
+    """The :class:`TrialResult` of a trial that began at ``started`` (Unix seconds) on ``device``: device name
+    and duration filled in, ``fields`` as given. The one place trial results are assembled."""
+    return TrialResult(
+        spec=spec,
+        status=status,
+        device=str(device),
+        device_name=device_name(device),
+        started_at=started,
+        duration_s=time.time() - started,
+        **fields,
+    )
+
+
+def _describe_failure(spec: TrialSpec, exc: BaseException) -> tuple[str, str]:
+    """(status, message) of an exception raised inside a trial; holds no reference to it."""
+    oom = is_oom(exc)
+    message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500] if str(exc) else type(exc).__name__
+    if not oom:
+        log.warning("trial %s failed: %s", spec, message)
+        log.debug("%s", "".join(traceback.format_exception(exc)))
+    return ("oom" if oom else "error"), message
+
+
+def run_guarded(body: Callable[[], TrialResult], spec: TrialSpec, device: torch.device, started: float) -> TrialResult:
+    """``body()``, or the ``oom`` / ``error`` result of the exception it raised.
+
+    The failure's result is built after the ``except`` block has ended: the exception and its traceback —
+    whose frames hold the failed trial's model, batch and activations — are released first, then
+    :func:`~bsprof.engine.oom.free_memory` returns their memory (``maxbatch.probe_fits`` does the same).
+    """
+    try:
+        return body()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a stored trial
+        status, message = _describe_failure(spec, exc)
+    free_memory(device)
+    return ended(spec, status, device, started, error=message)
+
+
+# --- the throughput trial -----------------------------------------------------------------------------------
+
+
+class RoundTimer(Protocol):
+    """Times a throughput trial's rounds: warm-up included, returns the raw blocks.
 
     Attributes:
-        spec: The trial's identity.
-        status: One of :data:`STATUSES`.
-        device: Device string, e.g. ``cpu`` or ``cuda:0``.
-        device_name: e.g. ``NVIDIA A100-SXM4-80GB``.
-        metrics: Export columns measured by this trial (missing ones are absent or ``None``).
-        reasons: Why a metric is ``None`` (column -> reason).
-        step_times: Raw block timings (throughput trials).
-        error: Message of a failed trial.
-        started_at: Unix time (seconds) when the trial began.
-        duration_s: Wall-clock seconds of the whole trial, set-up included.
-        curve: Learning-curve rows (convergence trials).
-        extra: Anything else worth keeping (stored as JSON).
+        source: Who timed them (stored as :attr:`TrialExtra.source`).
     """
 
-    spec: TrialSpec
-    status: str
-    device: str
-    device_name: str = ""
-    metrics: dict[str, float | int | bool | None] = field(default_factory=dict)
-    reasons: dict[str, str] = field(default_factory=dict)
-    step_times: StepTimes | None = None
-    error: str | None = None
-    started_at: float = 0.0
-    duration_s: float = 0.0
-    curve: list[dict[str, float | None]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    source: ClassVar[str]
+
+    def __call__(self, step: Callable[[], object], *, batch_size: int, sync: Callable[[], None]) -> StepTimes: ...
 
 
-def memory_metrics(device: torch.device, telemetry: Telemetry | None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Peak memory of the trial and how it was measured (``peak_mem_source``).
+@dataclass(frozen=True)
+class EngineTimer:
+    """The engine's timer (:func:`~bsprof.engine.timing.time_steps`) with ``settings``."""
 
-    CUDA: the caching allocator's peak allocated and reserved bytes since the reset at the trial's start.
-    CPU: the growth of the process's peak RSS over its RSS when the window opened — exact (the kernel's
-    high-water mark, ``rss_vmhwm``) on Linux, sampled (``rss_sampled``) elsewhere; a lower bound, since
-    memory the allocator kept from earlier trials is reused without growing RSS.
+    settings: TimingSettings
+    source: ClassVar[str] = "engine"
+
+    def __call__(self, step: Callable[[], object], *, batch_size: int, sync: Callable[[], None]) -> StepTimes:
+        return time_steps(step, batch_size=batch_size, settings=self.settings, sync=sync)
+
+
+def memory_metrics(
+    device: torch.device, telemetry: Telemetry | None, baseline_bytes: int | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Peak memory of the trial, how it was measured (``peak_mem_source``), and the memory in use when it
+    started (``mem_baseline_bytes``).
+
+    CUDA: the caching allocator's peak allocated and reserved bytes since the reset at the trial's start
+    (:func:`begin_trial`), and the bytes allocated then. CPU: the growth of the process's peak RSS over its
+    RSS when the window opened — exact (the kernel's high-water mark, ``rss_vmhwm``) on Linux, sampled
+    (``rss_sampled``) elsewhere; a lower bound, since memory the allocator kept from earlier trials is reused
+    without growing RSS — and that RSS as the baseline.
     """
     if device.type == "cuda":
         return (
@@ -172,8 +220,9 @@ def memory_metrics(device: torch.device, telemetry: Telemetry | None) -> tuple[d
                 "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)),
                 "peak_mem_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
                 "peak_mem_source": "cuda_allocator",
+                "mem_baseline_bytes": baseline_bytes,
             },
-            {},
+            {} if baseline_bytes is not None else {"mem_baseline_bytes": "not recorded at the trial's start"},
         )
     if telemetry is None:
         return {"peak_mem_bytes": None}, {"peak_mem_bytes": "no telemetry window"}
@@ -182,16 +231,17 @@ def memory_metrics(device: torch.device, telemetry: Telemetry | None) -> tuple[d
             "peak_mem_bytes": telemetry.rss_growth_bytes,
             "peak_mem_reserved_bytes": None,
             "peak_mem_source": "rss_vmhwm" if telemetry.rss_peak_source == "VmHWM" else "rss_sampled",
+            "mem_baseline_bytes": telemetry.rss_baseline_bytes,
         },
         {"peak_mem_reserved_bytes": f"{device.type}: no caching allocator statistics"},
     )
 
 
 def throughput_metrics(
-    times: StepTimes, telemetry: Telemetry, device: torch.device
+    times: StepTimes, telemetry: Telemetry, device: torch.device, baseline_bytes: int | None = None
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The measured columns of a throughput trial: step-time statistics, peak memory, GPU telemetry over the
-    timed steps; and the reasons of the empty ones. Shared by the CLI's trials and the pytest suite's."""
+    """The measured columns of a throughput trial: step-time statistics, memory, GPU telemetry over the timed
+    steps; and the reasons of the empty ones."""
     metrics: dict[str, Any] = {
         "samples_per_s": times.samples_per_s,
         "step_time_s": times.median_s,
@@ -201,7 +251,7 @@ def throughput_metrics(
     reasons: dict[str, str] = {}
     samples = times.measured_steps * times.batch_size
     for m, r in (
-        memory_metrics(device, telemetry),
+        memory_metrics(device, telemetry, baseline_bytes),
         measured_gpu_metrics(telemetry, measured_s=times.measured_s, samples=samples),
     ):
         metrics.update(m)
@@ -224,7 +274,8 @@ def _flops_metrics(
         flops = count_flops(counted)
     except Exception as e:  # noqa: BLE001 - a failed count leaves the FLOP fields empty, the trial stands
         why = f"FLOP counting failed: {type(e).__name__}: {e}"[:300]
-        free_memory(settings.device)
+    if why is not None:
+        free_memory(settings.device)  # after the handler: the traceback no longer holds the counted step
     return flops_metrics(
         flops,
         times.median_s,
@@ -236,7 +287,7 @@ def _flops_metrics(
     )
 
 
-def _profile(workload: Workload, spec: TrialSpec, settings: EngineSettings, step: TrainingStep) -> dict[str, Any]:
+def _profile(workload: Workload, spec: TrialSpec, settings: EngineSettings, step: TrainingStep) -> ProfileInfo:
     """The optional profiler pass, after timing, on the trial's step: trace folder and top operators."""
     from bsprof.engine.profiling import profile_steps
 
@@ -245,90 +296,67 @@ def _profile(workload: Workload, spec: TrialSpec, settings: EngineSettings, step
         result = profile_steps(step, trace_dir=folder, device=settings.device, sync=synchronizer(settings.device))
     except Exception as e:  # noqa: BLE001 - profiling is a by-product; its failure must not fail the trial
         log.warning("profiling B=%d failed: %s", spec.batch_size, e)
-        return {"profile_error": f"{type(e).__name__}: {e}"[:500]}
-    return {
-        "trace_dir": result.trace_dir,
-        "trace_files": result.trace_files,
-        "top_ops": result.top_ops,
-        "top_ops_sort": result.sort_by,
-        "profile_active_steps": result.active_steps,
-    }
-
-
-def failure_result(spec: TrialSpec, exc: BaseException, device: torch.device, started: float) -> TrialResult:
-    """Turn an exception raised inside a trial into an ``oom`` or ``error`` result (memory freed)."""
-    oom = is_oom(exc)
-    message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500] if str(exc) else type(exc).__name__
-    if not oom:
-        log.warning("trial %s failed: %s", spec, message)
-        log.debug("%s", "".join(traceback.format_exception(exc)))
-    free_memory(device)
-    return TrialResult(
-        spec=spec,
-        status="oom" if oom else "error",
-        device=str(device),
-        device_name=device_name(device),
-        error=message,
-        started_at=started,
-        duration_s=time.time() - started,
+        return ProfileInfo(error=f"{type(e).__name__}: {e}"[:500])
+    return ProfileInfo(
+        trace_dir=result.trace_dir,
+        trace_files=tuple(result.trace_files),
+        top_ops=tuple(result.top_ops),
+        top_ops_sort=result.sort_by,
+        active_steps=result.active_steps,
     )
 
 
-def run_throughput_trial(workload: Workload, spec: TrialSpec, settings: EngineSettings) -> TrialResult:
-    """Build a fresh training step, warm up, time blocks of steps; measure memory and telemetry.
+def run_throughput_trial(
+    workload: Workload, spec: TrialSpec, settings: EngineSettings, *, timer: RoundTimer | None = None
+) -> TrialResult:
+    """Build a fresh training step and time its rounds; measure memory and telemetry around them.
 
     Args:
         workload: The workload (its name should equal ``spec.workload``).
         spec: Batch size, seed, LR and repeat of this trial (``kind == "throughput"``).
-        settings: Device, precision and timing.
+        settings: Device, precision, timing and the shared sampler process.
+        timer: How the rounds are timed (default: the engine's timer with ``settings.timing``).
 
     Returns:
-        A result with ``samples_per_s``, ``step_time_s``, ``step_time_iqr_s``, ``peak_mem_bytes`` and the
-        GPU fields (``None`` with a reason where not measured); status ``oom`` or ``error`` on failure.
+        A result with ``samples_per_s``, ``step_time_s``, ``step_time_iqr_s``, ``peak_mem_bytes``,
+        ``mem_baseline_bytes`` and the GPU fields (``None`` with a reason where not measured); status ``oom``
+        or ``error`` on failure.
     """
-    device = settings.device
     started = time.time()
-    step: TrainingStep | None = None
-    try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        gpu = (settings.gpu_sampler_factory or default_gpu_sampler)(device)
-        monitor = Monitor(gpu, hz=settings.monitor_hz, process=settings.sampler_process)
-        closing = contextlib.closing(gpu) if hasattr(gpu, "close") else contextlib.nullcontext()
-        # The sampler closes after the window's last poll; the monitor's own sampler process (if it has one)
-        # after the window. The window opens before the model is built: a sampler process starting here is
-        # not part of the timed steps.
-        with closing, contextlib.closing(monitor), monitor.window() as window:
-            step = TrainingStep.for_trial(workload, spec, settings)
-            times = time_steps(step, batch_size=spec.batch_size, settings=settings.timing, sync=synchronizer(device))
-        expected = times.warmup_steps + times.measured_steps
-        if step.steps_done != expected:
-            raise RuntimeError(f"engine bug: {step.steps_done} steps ran, {expected} were timed")
-        telemetry = window.telemetry
-        metrics, reasons = throughput_metrics(times, telemetry, device)
-        flops, flops_reasons = _flops_metrics(workload, spec, settings, step, times)
-        metrics.update(flops)
-        reasons.update(flops_reasons)
-        extra: dict[str, Any] = {"cpu_pct_mean": telemetry.cpu_pct_mean, "rel_iqr": times.rel_iqr}
-        extra["telemetry"] = downsample_rows(telemetry.series)
-        extra["gpu_sampler"] = type(gpu).__name__ if telemetry.gpu_reason is None else telemetry.gpu_reason
-        extra["monitor_mode"] = monitor.mode
-        if settings.profile and spec.repeat == 0 and spec.seed == 0:
-            extra.update(_profile(workload, spec, settings, step))
-        return TrialResult(
-            spec=spec,
-            status="ok",
-            device=str(device),
-            device_name=device_name(device),
-            metrics=metrics,
-            reasons=reasons,
-            step_times=times,
-            started_at=started,
-            duration_s=time.time() - started,
-            extra=extra,
-        )
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a stored trial
-        del step
-        return failure_result(spec, exc, device, started)
+    chosen = timer if timer is not None else EngineTimer(settings.timing)
+    return run_guarded(lambda: _throughput(workload, spec, settings, chosen, started), spec, settings.device, started)
+
+
+def _throughput(
+    workload: Workload, spec: TrialSpec, settings: EngineSettings, timer: RoundTimer, started: float
+) -> TrialResult:
+    device = settings.device
+    baseline = begin_trial(settings)
+    gpu = (settings.gpu_sampler_factory or default_gpu_sampler)(device)
+    monitor = Monitor(gpu, hz=settings.monitor_hz, process=settings.sampler_process)
+    closing = contextlib.closing(gpu) if hasattr(gpu, "close") else contextlib.nullcontext()
+    # The sampler closes after the window's last poll; the monitor's own sampler process (if it has one)
+    # after the window. The window opens before the model is built: a sampler process starting here is
+    # not part of the timed steps.
+    with closing, contextlib.closing(monitor), monitor.window() as window:
+        step = TrainingStep.for_trial(workload, spec, settings)
+        times = timer(step, batch_size=spec.batch_size, sync=synchronizer(device))
+    expected = times.warmup_steps + times.measured_steps
+    if step.steps_done != expected:
+        raise RuntimeError(f"engine bug: {step.steps_done} steps ran, {expected} were timed")
+    telemetry = window.telemetry
+    metrics, reasons = throughput_metrics(times, telemetry, device, baseline)
+    flops, flops_reasons = _flops_metrics(workload, spec, settings, step, times)
+    metrics.update(flops)
+    reasons.update(flops_reasons)
+    profiled = settings.profile and spec.repeat == 0 and spec.seed == 0
+    extra = TrialExtra(
+        source=timer.source,
+        rel_iqr=times.rel_iqr,
+        cpu_pct_mean=telemetry.cpu_pct_mean,
+        telemetry=tuple(downsample_rows(telemetry.series)),
+        gpu_sampler=type(gpu).__name__ if telemetry.gpu_reason is None else telemetry.gpu_reason,
+        monitor_mode=monitor.mode,
+        profile=_profile(workload, spec, settings, step) if profiled else None,
+    )
+    return ended(spec, "ok", device, started, metrics=metrics, reasons=reasons, step_times=times, extra=extra)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bsprof.engine.result import TrialExtra
 from bsprof.errors import BadInput
 
 if TYPE_CHECKING:
@@ -168,29 +169,29 @@ def _curves(store: Store, conv: pd.DataFrame) -> pd.DataFrame:
 
 
 def _top_ops(rows: list[dict[str, Any]], labels: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
-    """Operator rows from the trials' ``extra["top_ops"]`` (first profiled trial per run and batch size)."""
+    """Operator rows from the trials' profiles (first profiled trial per run and batch size)."""
     import pandas as pd
 
     from bsprof.analyze import operator_shares
 
     out, roots, seen = [], set(), set()
     for row in rows:
-        extra = row.get("extra") or {}
-        if extra.get("trace_dir"):
-            roots.add(str(Path(extra["trace_dir"]).parent.parent))
-        ops = extra.get("top_ops")
+        profile = TrialExtra.from_json(row.get("extra")).profile
+        if profile is None:
+            continue
+        if profile.trace_dir:
+            roots.add(str(Path(profile.trace_dir).parent.parent))
+        ops = profile.top_ops
         key = (row["run_id"], row["batch_size"])
-        if not ops or not isinstance(ops, list) or key in seen:
+        if not ops or key in seen:
             continue
         seen.add(key)
-        dev = any(isinstance(o, dict) and o.get("self_device_s_per_step") for o in ops)
+        dev = any(o.get("self_device_s_per_step") for o in ops)
         time_key = "self_device_s_per_step" if dev else "self_cpu_s_per_step"
         parsed = []
         for o in ops:
-            if not isinstance(o, dict):
-                continue
-            name = o.get("name") or o.get("op") or o.get("key")
-            t = o.get(time_key, o.get("self_time_s", o.get("self_s")))
+            name = o.get("name")
+            t = o.get(time_key)
             try:
                 t = float(t)
             except (TypeError, ValueError):
