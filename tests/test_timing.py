@@ -46,21 +46,22 @@ def test_timing_block_size_grows_to_block_min_s() -> None:
     dev = FakeDevice()
     s = TimingSettings(warmup_steps=2, warmup_s=1.0, min_time_s=10.0, min_steps=20, block_min_s=0.5, min_blocks=7)
     times = dev.run(s)
-    # warm-up runs until 1.0 s have passed: 8 steps of 0.125 s
-    assert times.warmup_steps == 8
+    # warm-up runs until 1.0 s have passed: 8 steps of 0.125 s; calibration then times blocks of 1, 2 and 4
+    # steps (4 x 0.125 s reaches block_min_s), which count as warm-up too
+    assert times.warmup_steps == 8 + 1 + 2 + 4
     # blocks of ceil(0.5 / 0.125) = 4 steps, until 10 s are measured: 20 blocks
     assert times.steps_per_block == 4
     assert times.block_times_s == (0.5,) * 20
     assert times.measured_steps == 80
     assert times.measured_s == 10.0
     assert times.median_s == DT
-    assert dev.count("step") == 8 + 80
+    assert dev.count("step") == 15 + 80
 
 
 def test_timing_warmup_steps_honoured_when_warmup_time_is_short() -> None:
     dev = FakeDevice()
     times = dev.run(TimingSettings(warmup_steps=5, warmup_s=0.0, min_time_s=0.0, min_steps=1, min_blocks=1))
-    assert times.warmup_steps == 5
+    assert times.warmup_steps == 5 + 1  # and one calibration step
     assert len(times.block_times_s) == 1
 
 
@@ -111,12 +112,73 @@ def test_timing_sync_before_every_clock_read_after_steps() -> None:
     assert times.steps_per_block > 1
 
 
-def test_timing_zero_warmup_gives_single_step_blocks() -> None:
+def test_timing_zero_warmup_still_calibrates_one_block() -> None:
     dev = FakeDevice()
     times = dev.run(TimingSettings(warmup_steps=0, warmup_s=0.0, min_time_s=0.5, min_steps=1, min_blocks=2))
-    assert times.warmup_steps == 0
+    assert times.warmup_steps == 1  # one calibration step: it already lasts longer than block_min_s
     assert times.steps_per_block == 1
     assert times.measured_s >= 0.5
+
+
+class SlowFirstStep(FakeDevice):
+    """0.5 ms steps, except the first, which takes 2 s (compilation, autotuning, first allocations)."""
+
+    def __init__(self) -> None:
+        super().__init__(dt=0.0005)
+
+    def step(self) -> None:
+        self.now += 2.0 if self.count("step") == 0 else self.dt
+        self.events.append("step")
+
+
+def test_timing_block_is_sized_after_a_slow_first_step() -> None:
+    dev = SlowFirstStep()
+    times = dev.run(TimingSettings())  # defaults: 5 warm-up steps, blocks of >= 20 ms
+    assert times.steps_per_block >= 20  # a block sized from the warm-up mean (0.4 s per step) would hold 1
+    assert times.steps_per_block == 40  # ceil(20 ms / 0.5 ms)
+    assert times.median_s == pytest.approx(0.0005)
+    assert dev.count("step") == times.warmup_steps + times.measured_steps
+
+
+def test_timing_reset_runs_before_every_block_outside_the_timed_region() -> None:
+    dev = FakeDevice()
+    resets: list[float] = []
+
+    def reset() -> None:
+        dev.now += 10.0  # a slow restore: must not be timed
+        resets.append(dev.now)
+        dev.events.append("reset")
+
+    s = TimingSettings(warmup_steps=2, warmup_s=0.0, min_time_s=2.0, min_steps=5, block_min_s=0.25, min_blocks=3)
+    times = time_steps(dev.step, batch_size=8, settings=s, sync=dev.sync, clock=dev.clock, reset=reset)
+    assert times.steps_per_block == 2
+    assert set(times.block_times_s) == {0.25}  # no reset time inside any block
+    calibration_blocks = 2  # 1 step (0.125 s), then 2 steps (0.25 s)
+    assert len(resets) == calibration_blocks + len(times.block_times_s)
+    # every block starts with a reset, a sync and then the clock read that opens it
+    for i, e in enumerate(dev.events):
+        if e == "reset":
+            assert dev.events[i + 1 : i + 3] == ["sync", "clock"]
+
+
+@pytest.mark.parametrize(
+    ("blocks", "drift"),
+    [
+        ((1.0,) * 8, 0.0),
+        ((1.0, 1.0, 1.0, 1.0, 1.2, 1.2, 1.5, 1.5), 0.5),  # last quarter 1.5 vs first quarter 1.0
+        ((2.0, 2.0, 1.0, 1.0, 1.0, 1.0), -0.5),
+    ],
+)
+def test_steptimes_drift_on_literal_arrays(blocks: tuple[float, ...], drift: float) -> None:
+    t = StepTimes(blocks, steps_per_block=1, batch_size=8)
+    assert t.drift_rel == pytest.approx(drift)
+    assert t.drifted == (abs(drift) > 0.10)
+
+
+def test_steptimes_drift_needs_four_blocks() -> None:
+    t = StepTimes((1.0, 1.0, 2.0), steps_per_block=1, batch_size=8)
+    assert t.drift_rel is None
+    assert not t.drifted
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The one timer: whole training steps, timed in blocks after a warm-up.
+"""The one timer: whole training steps, timed in blocks after a warm-up and a calibration.
 
 This is the only place in bsprof that reads a clock around training steps. The method follows
 ``torch.utils.benchmark.Timer.blocked_autorange``: warm up, size a block of steps so that clock and
@@ -6,6 +6,17 @@ synchronisation overhead is negligible, then time consecutive blocks until both 
 and a minimum number of steps are reached. The device is synchronised once per block boundary, *before*
 the clock is read, so asynchronous CUDA launches are never mistaken for finished work; steps inside a
 block are not synchronised, which would distort short steps.
+
+The block is sized *after* the warm-up, never from it: the first steps pay for ``torch.compile``, cuDNN
+autotuning, lazy kernel loading and first allocations (0.1-2 s on a GPU), and a block sized from their mean
+would hold one step, synchronising after every step. Calibration times blocks of 1, 2, 4, ... steps with one
+synchronisation each until one lasts ``block_min_s`` (as ``blocked_autorange`` grows its block until timer
+overhead vanishes); its steps are untimed and count as warm-up.
+
+An optional ``reset`` runs before every calibration and measured block, outside the timed region: the
+throughput trial uses it to put the model and optimizer back into their initial state, so the blocks time
+the steps training actually runs, not a model trained for hundreds of epochs (see :attr:`StepTimes.drift_rel`
+for the check that the blocks did not drift).
 
 Clock and synchronisation are injected so tests can drive the timer with fakes.
 """
@@ -19,7 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
-__all__ = ["StepTimes", "TimingSettings", "time_steps"]
+__all__ = ["DRIFT_REL_THRESHOLD", "StepTimes", "TimingSettings", "time_steps"]
+
+# Relative change of the step time between a trial's first and last blocks above which the trial is flagged
+# as drifting: block-to-block noise on a shared 2-core host is a few percent (see README, "How bsprof
+# measures"), a state or thermal drift is tens of percent.
+DRIFT_REL_THRESHOLD = 0.10
+# Blocks compared at each end: a quarter of the blocks, at least this many (and drift needs twice as many).
+_DRIFT_MIN_END_BLOCKS = 2
 
 
 @dataclass(frozen=True)
@@ -27,11 +45,12 @@ class TimingSettings:
     """How long to warm up and measure.
 
     Attributes:
-        warmup_steps: Steps run before timing, at least (also sizes the blocks).
+        warmup_steps: Steps run before calibration, at least.
         warmup_s: Seconds of warm-up, at least.
         min_time_s: Measured seconds, at least.
         min_steps: Measured steps, at least.
-        block_min_s: Target duration of one block (seconds); a block holds at least one step.
+        block_min_s: Target duration of one block (seconds); a block holds at least one step. Calibration
+            doubles a block from one step until it lasts this long.
         min_blocks: Blocks, at least, so that the spread can be estimated.
         max_time_s: Stop measuring after this many seconds even if ``min_steps`` is not reached
             (``None``: no limit). The trial records how many steps it measured.
@@ -60,7 +79,7 @@ class StepTimes:
         block_times_s: Wall-clock seconds of each block.
         steps_per_block: Training steps in every block.
         batch_size: Samples per step.
-        warmup_steps: Steps run before the first block (not timed).
+        warmup_steps: Steps run before the first block (not timed): warm-up and calibration.
     """
 
     block_times_s: tuple[float, ...]
@@ -96,6 +115,23 @@ class StepTimes:
         """Throughput at the median step time (samples per second)."""
         return self.batch_size / self.median_s if self.median_s > 0 else math.inf
 
+    @cached_property
+    def drift_rel(self) -> float | None:
+        """Median step time of the last quarter of the blocks over that of the first quarter, minus 1
+        (``0.25``: the step got 25% slower during the trial); ``None`` with fewer than 4 blocks."""
+        n = len(self.step_times_s)
+        k = max(_DRIFT_MIN_END_BLOCKS, n // 4)
+        if n < 2 * k:
+            return None
+        first = statistics.median(self.step_times_s[:k])
+        last = statistics.median(self.step_times_s[-k:])
+        return last / first - 1 if first > 0 else None
+
+    @property
+    def drifted(self) -> bool:
+        """Whether the step time changed by more than :data:`DRIFT_REL_THRESHOLD` within the trial."""
+        return self.drift_rel is not None and abs(self.drift_rel) > DRIFT_REL_THRESHOLD
+
     @property
     def measured_steps(self) -> int:
         """Timed steps (warm-up excluded)."""
@@ -107,6 +143,41 @@ class StepTimes:
         return math.fsum(self.block_times_s)
 
 
+def _block_size(per_step_s: float, s: TimingSettings) -> int:
+    """Steps per block: long enough that clock and sync overhead vanish (``block_min_s``), short enough for
+    ``min_blocks`` in ``min_time_s``."""
+    if per_step_s <= 0:
+        return 1
+    longest = max(1, math.floor(s.min_time_s / (s.min_blocks * per_step_s)))
+    return max(1, min(math.ceil(s.block_min_s / per_step_s), longest))
+
+
+def _calibrate(
+    step: Callable[[], object],
+    s: TimingSettings,
+    sync: Callable[[], None],
+    clock: Callable[[], float],
+    reset: Callable[[], None] | None,
+) -> tuple[int, int]:
+    """Time blocks of 1, 2, 4, ... steps (one sync each) until one lasts ``block_min_s`` or reaches the
+    longest block ``min_time_s`` allows; returns (steps per block, steps run)."""
+    k, ran = 1, 0
+    while True:
+        if reset is not None:
+            reset()
+        sync()
+        t0 = clock()
+        for _ in range(k):
+            step()
+        sync()
+        dt = clock() - t0
+        ran += k
+        size = _block_size(dt / k, s)
+        if dt >= s.block_min_s or k >= size:
+            return size, ran
+        k *= 2
+
+
 def time_steps(
     step: Callable[[], object],
     *,
@@ -114,8 +185,9 @@ def time_steps(
     settings: TimingSettings | None = None,
     sync: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.perf_counter,
+    reset: Callable[[], None] | None = None,
 ) -> StepTimes:
-    """Warm up, then time blocks of ``step()`` calls.
+    """Warm up, calibrate the block size, then time blocks of ``step()`` calls.
 
     Args:
         step: One whole training step (forward, backward, optimizer step, zero_grad). Its return value
@@ -124,9 +196,11 @@ def time_steps(
         settings: Warm-up and measurement lengths.
         sync: Waits for queued device work; called before every clock read.
         clock: Monotonic clock in seconds.
+        reset: Called before every calibration and measured block, outside the timed region (e.g. restore
+            the model's initial state); ``None``: blocks run back to back.
 
     Returns:
-        The raw block timings.
+        The raw block timings; ``warmup_steps`` counts the warm-up and calibration steps.
     """
     s = settings or TimingSettings()
     sync()
@@ -137,28 +211,26 @@ def time_steps(
         warm += 1
         if warm >= s.warmup_steps:
             sync()
-    sync()
-    warm_time = clock() - start
-    per_step = warm_time / warm if warm else 0.0
-    steps_per_block = 1
-    if per_step > 0:
-        # Long enough that clock and sync overhead vanish, short enough for min_blocks in min_time_s.
-        longest = max(1, math.floor(s.min_time_s / (s.min_blocks * per_step)))
-        steps_per_block = max(1, min(math.ceil(s.block_min_s / per_step), longest))
+    steps_per_block, calibration_steps = _calibrate(step, s, sync, clock, reset)
+    warm += calibration_steps
 
     blocks: list[float] = []
     sync()
     t_prev = clock()
     t_first = t_prev
     while True:
+        if reset is not None:
+            reset()
+            sync()
+            t_prev = clock()
         for _ in range(steps_per_block):
             step()
         sync()
         t = clock()
         blocks.append(t - t_prev)
         t_prev = t
-        elapsed = t - t_first
-        done = elapsed >= s.min_time_s and len(blocks) * steps_per_block >= s.min_steps and len(blocks) >= s.min_blocks
-        if done or (s.max_time_s is not None and elapsed >= s.max_time_s):
+        measured = math.fsum(blocks)
+        done = measured >= s.min_time_s and len(blocks) * steps_per_block >= s.min_steps and len(blocks) >= s.min_blocks
+        if done or (s.max_time_s is not None and t - t_first >= s.max_time_s):
             break
     return StepTimes(tuple(blocks), steps_per_block, batch_size, warm)
