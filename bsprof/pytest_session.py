@@ -50,7 +50,8 @@ class PedanticTimer:
     ``min_time_s`` seconds: at least ``min_rounds``, at most :data:`MAX_ROUNDS`. Its timings only size the
     rounds. pytest-benchmark then runs ``warmup_rounds`` untimed rounds and the timed ones; each round is one
     step followed by a device sync, so its timer measures finished work. The per-round times become the
-    trial's blocks (one step each).
+    trial's blocks (one step each). With ``reset``, pedantic's untimed ``setup`` restores the trial's initial
+    state every probe-sized block of rounds, as the engine's timer does before each block.
 
     Args:
         benchmark: pytest-benchmark's fixture.
@@ -70,21 +71,43 @@ class PedanticTimer:
         wanted = math.ceil(self.min_time_s / step_time_s) if step_time_s > 0 else self.min_rounds
         return max(self.min_rounds, min(MAX_ROUNDS, wanted))
 
-    def __call__(self, step: Callable[[], object], *, batch_size: int, sync: Callable[[], None]) -> StepTimes:
+    def __call__(
+        self,
+        step: Callable[[], object],
+        *,
+        batch_size: int,
+        sync: Callable[[], None],
+        reset: Callable[[], None] | None = None,
+    ) -> StepTimes:
         from bsprof.engine.timing import StepTimes, TimingSettings, time_steps
 
         probe = TimingSettings(
             warmup_steps=self.warmup_rounds, warmup_s=0.0, min_time_s=PROBE_S, min_steps=1,
             block_min_s=PROBE_S / 5, min_blocks=3,
         )  # fmt: skip
-        sized = time_steps(step, batch_size=batch_size, settings=probe, sync=sync)
+        sized = time_steps(step, batch_size=batch_size, settings=probe, sync=sync, reset=reset)
+        done = [0]
+
+        def restore_per_block() -> None:
+            # untimed (pedantic's setup): back to the initial state every probe-sized block of rounds, so the
+            # rounds time the same steps of training as the engine's blocks do
+            if reset is not None and done[0] % sized.steps_per_block == 0:
+                reset()
+                sync()
+            done[0] += 1
 
         def one_step() -> None:
             step()
             sync()
 
         rounds = self.rounds_for(sized.median_s)
-        self.benchmark.pedantic(one_step, rounds=rounds, iterations=ITERATIONS, warmup_rounds=self.warmup_rounds)
+        self.benchmark.pedantic(
+            one_step,
+            setup=restore_per_block,
+            rounds=rounds,
+            iterations=ITERATIONS,
+            warmup_rounds=self.warmup_rounds,
+        )
         round_times_s = tuple(self.benchmark.stats.stats.data)  # seconds per step, per round
         warmup = sized.warmup_steps + sized.measured_steps + self.warmup_rounds * ITERATIONS
         return StepTimes(tuple(t * ITERATIONS for t in round_times_s), ITERATIONS, batch_size, warmup)

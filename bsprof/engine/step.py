@@ -5,10 +5,20 @@ data), never mutated and restored. Calling it runs one whole step — gather a b
 loss, backward, optimizer step, zero_grad — and returns the loss tensor *without* synchronising, so the
 timer decides when to wait for the device. The CLI, the convergence trial and the pytest-benchmark suite
 all call this same object.
+
+A throughput trial times its steps from the trial's initial state: :meth:`TrainingStep.snapshot` keeps a copy
+of the model's and the optimizer's state before the first step, and :meth:`TrainingStep.restore` puts it back
+before every timed block (outside the timed region). Without it, a trial of ``--min-time`` seconds trains
+for hundreds of epochs at the rule's learning rate into a state no convergence trial reaches (on the CPU,
+weights and gradients drift into subnormal floats and the step slows down up to 2x).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,13 +29,46 @@ if TYPE_CHECKING:
     from bsprof.engine.trial import EngineSettings, TrialSpec
     from bsprof.workload import Split, Workload
 
-__all__ = ["IndexBatcher", "TrainingStep"]
+__all__ = ["IndexBatcher", "StepState", "TrainingStep", "flush_denormal"]
 
 # Epochs drawn ahead per refill: enough for this many indices, but at most _REFILL_MAX_EPOCHS permutations. A refill
 # costs tens of microseconds beyond the permutations themselves, which at one epoch per refill (every few steps
 # of a small dataset) is a few percent of a sub-millisecond step.
 _REFILL_MIN_INDICES = 1 << 16
 _REFILL_MAX_EPOCHS = 64
+
+
+@contextmanager
+def flush_denormal(enabled: bool) -> Iterator[None]:
+    """Within the block, flush subnormal floats to zero on the CPU if ``enabled`` (off again afterwards).
+
+    ``torch.set_flush_denormal`` is process-wide and takes effect only on x86 CPUs with SSE3 (elsewhere torch
+    returns ``False`` and nothing changes). bsprof leaves it off by default, as PyTorch does.
+    """
+    if not enabled:
+        yield
+        return
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if supported:
+            torch.set_flush_denormal(False)
+
+
+@dataclass(frozen=True)
+class StepState:
+    """A copy of a training step's model and optimizer state (and gradient scaler), for :meth:`TrainingStep.restore`.
+
+    Attributes:
+        model: ``model.state_dict()``, cloned.
+        optimizer: ``optimizer.state_dict()``, deep-copied.
+        scaler: ``GradScaler.state_dict()``, or ``None`` without a scaler.
+    """
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any] | None
 
 
 class IndexBatcher:
@@ -169,6 +212,25 @@ class TrainingStep:
         """Set the learning rate of every parameter group (for warm-up schedules)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def snapshot(self) -> StepState:
+        """A copy of the model's and optimizer's current state (on the model's device; the data order is not
+        part of it: batches keep coming from the same stream)."""
+        return StepState(
+            model={k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            scaler=None if self._scaler is None else copy.deepcopy(self._scaler.state_dict()),
+        )
+
+    def restore(self, state: StepState) -> None:
+        """Put the model and optimizer back into ``state`` (in place for the weights; the optimizer's buffers
+        are rebuilt as after :meth:`snapshot`, e.g. none before the first step)."""
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(state.model[k])
+        self.optimizer.load_state_dict(copy.deepcopy(state.optimizer))
+        if self._scaler is not None and state.scaler is not None:
+            self._scaler.load_state_dict(state.scaler)
 
     def __call__(self) -> torch.Tensor:
         """Run one training step; returns the unsynchronised loss tensor.

@@ -36,7 +36,7 @@ from bsprof.engine.monitors import Monitor
 from bsprof.engine.oom import free_memory, is_oom, reset_peak_memory
 from bsprof.engine.result import ProfileInfo, TrialExtra, TrialResult, TrialSpec
 from bsprof.engine.samplers import GpuSampler, NullGpu
-from bsprof.engine.step import TrainingStep
+from bsprof.engine.step import TrainingStep, flush_denormal
 from bsprof.engine.telemetry import Telemetry, downsample_rows, measured_gpu_metrics
 from bsprof.engine.timing import StepTimes, TimingSettings, time_steps
 
@@ -76,6 +76,9 @@ class EngineSettings:
             trials (seed 0, repeat 0); it never touches the timed steps, so it is not part of :meth:`config`.
         trace_dir: Folder of this run's traces; each batch size writes into ``<trace_dir>/<workload>-B<b>``.
         peak_tflops: Peak TFLOP/s for MFU, overriding the GPU table (and allowing MFU on the CPU).
+        flush_denormal: Flush subnormal floats to zero on the CPU during trials (``torch.set_flush_denormal``;
+            x86 only). Off by default, as in PyTorch: throughput is timed from the initial state, where
+            subnormals are rare, and convergence trials train with the numerics users train with.
         sampler_process: The telemetry sampler process every trial's monitor shares (a
             :class:`~bsprof.engine.sampler_process.SamplerProcess`; :func:`~bsprof.engine.sweep.run_sweep` starts
             one per sweep); ``None``: each trial's monitor starts and ends its own.
@@ -91,6 +94,7 @@ class EngineSettings:
     profile: bool = False
     trace_dir: str | None = None
     peak_tflops: float | None = None
+    flush_denormal: bool = False
     sampler_process: Any = field(default=None, compare=False, repr=False)
 
     def config(self) -> dict[str, object]:
@@ -102,6 +106,7 @@ class EngineSettings:
             "compile": self.compile,
             "timing": [t.warmup_steps, t.warmup_s, t.min_time_s, t.min_steps, t.block_min_s, t.min_blocks],
             "torch_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            "flush_denormal": self.flush_denormal,
         }
         if self.compile and self.compile_backend != "inductor":
             backend = self.compile_backend
@@ -188,7 +193,16 @@ class RoundTimer(Protocol):
 
     source: ClassVar[str]
 
-    def __call__(self, step: Callable[[], object], *, batch_size: int, sync: Callable[[], None]) -> StepTimes: ...
+    def __call__(
+        self,
+        step: Callable[[], object],
+        *,
+        batch_size: int,
+        sync: Callable[[], None],
+        reset: Callable[[], None] | None = None,
+    ) -> StepTimes:
+        """Time ``step``; ``reset`` (untimed) returns it to the trial's initial state between blocks."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -198,8 +212,15 @@ class EngineTimer:
     settings: TimingSettings
     source: ClassVar[str] = "engine"
 
-    def __call__(self, step: Callable[[], object], *, batch_size: int, sync: Callable[[], None]) -> StepTimes:
-        return time_steps(step, batch_size=batch_size, settings=self.settings, sync=sync)
+    def __call__(
+        self,
+        step: Callable[[], object],
+        *,
+        batch_size: int,
+        sync: Callable[[], None],
+        reset: Callable[[], None] | None = None,
+    ) -> StepTimes:
+        return time_steps(step, batch_size=batch_size, settings=self.settings, sync=sync, reset=reset)
 
 
 def memory_metrics(
@@ -240,13 +261,16 @@ def memory_metrics(
 def throughput_metrics(
     times: StepTimes, telemetry: Telemetry, device: torch.device, baseline_bytes: int | None = None
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The measured columns of a throughput trial: step-time statistics, memory, GPU telemetry over the timed
-    steps; and the reasons of the empty ones."""
+    """The measured columns of a throughput trial: step-time statistics (with the within-trial drift and its
+    flag, ``step_time_drift_rel`` and ``step_time_drifted``), memory, GPU telemetry over the timed steps; and
+    the reasons of the empty ones."""
     metrics: dict[str, Any] = {
         "samples_per_s": times.samples_per_s,
         "step_time_s": times.median_s,
         "step_time_iqr_s": times.iqr_s,
         "measured_steps": times.measured_steps,
+        "step_time_drift_rel": times.drift_rel,
+        "step_time_drifted": times.drifted,
     }
     reasons: dict[str, str] = {}
     samples = times.measured_steps * times.batch_size
@@ -311,6 +335,10 @@ def run_throughput_trial(
 ) -> TrialResult:
     """Build a fresh training step and time its rounds; measure memory and telemetry around them.
 
+    Every calibration and timed block starts from the step's initial model and optimizer state (restored
+    outside the timed region), so the step time is that of the first steps of training at ``spec.lr``, the
+    steps convergence trials count.
+
     Args:
         workload: The workload (its name should equal ``spec.workload``).
         spec: Batch size, seed, LR and repeat of this trial (``kind == "throughput"``).
@@ -338,9 +366,10 @@ def _throughput(
     # The sampler closes after the window's last poll; the monitor's own sampler process (if it has one)
     # after the window. The window opens before the model is built: a sampler process starting here is
     # not part of the timed steps.
-    with closing, contextlib.closing(monitor), monitor.window() as window:
+    with closing, contextlib.closing(monitor), monitor.window() as window, flush_denormal(settings.flush_denormal):
         step = TrainingStep.for_trial(workload, spec, settings)
-        times = timer(step, batch_size=spec.batch_size, sync=synchronizer(device))
+        initial = step.snapshot()
+        times = timer(step, batch_size=spec.batch_size, sync=synchronizer(device), reset=lambda: step.restore(initial))
     expected = times.warmup_steps + times.measured_steps
     if step.steps_done != expected:
         raise RuntimeError(f"engine bug: {step.steps_done} steps ran, {expected} were timed")
