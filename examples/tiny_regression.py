@@ -1,7 +1,9 @@
 """An example bsprof plug-in workload: ``bsprof sweep --workload examples/tiny_regression.py:factory``.
 
 A linear-regression-like task on synthetic data: the metric is the validation R² (higher is better), so
-it also shows how to override :meth:`bsprof.Workload.metric`.
+it also shows how to override :meth:`bsprof.Workload.metric`. R² is not a mean over examples, so the
+workload sets ``metric_is_mean = False``: bsprof then computes it once over the whole validation split,
+not per evaluation batch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class TinyRegression(Workload):
     base_lr = 0.01
     base_batch_size = 16
     max_lr = 0.2
+    metric_is_mean = False  # R² over the whole split, not an average of per-batch R²s
 
     def __init__(self, n: int = 4096, features: int = 32) -> None:
         g = torch.Generator().manual_seed(0)  # fixed data, whatever the trial's seed
@@ -44,8 +47,8 @@ class TinyRegression(Workload):
         return nn.functional.mse_loss(outputs, targets)
 
     def metric(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
-        residual = (outputs - targets).pow(2).sum()
-        total = (targets - targets.mean()).pow(2).sum()
+        residual = (outputs.double() - targets.double()).pow(2).sum()
+        total = (targets.double() - targets.double().mean()).pow(2).sum()
         return float(1 - residual / total)
 
     def config(self) -> dict[str, object]:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bsprof.engine.device import synchronizer
-from bsprof.engine.step import TrainingStep
+from bsprof.engine.step import TrainingStep, flush_denormal
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, begin_trial, ended, run_guarded
 
 if TYPE_CHECKING:
@@ -106,17 +106,27 @@ class EvalSchedule:
 
 
 def evaluate(model: torch.nn.Module, workload: Workload, split: Split) -> float:
-    """The workload's metric over ``split``, averaged over batches weighted by their size (model left in
-    train mode afterwards)."""
+    """The workload's metric over ``split`` in float64 (model left in train mode afterwards).
+
+    A mean metric (:attr:`~bsprof.workload.Workload.metric_is_mean`) is computed per evaluation batch and
+    averaged weighted by batch size; any other gets one call over the concatenated outputs and targets of
+    every batch.
+    """
     model.eval()
-    total = 0.0
+    weighted: list[float] = []
+    outputs: list[torch.Tensor] = []
     with torch.no_grad():
         for start in range(0, len(split), workload.eval_batch_size):
             x = split.inputs[start : start + workload.eval_batch_size]
             y = split.targets[start : start + workload.eval_batch_size]
-            total += workload.metric(model(x), y) * len(x)
+            if workload.metric_is_mean:
+                weighted.append(float(workload.metric(model(x), y)) * len(x))
+            else:
+                outputs.append(model(x))
     model.train()
-    return total / len(split)
+    if workload.metric_is_mean:
+        return math.fsum(weighted) / len(split)
+    return float(workload.metric(torch.cat(outputs), split.targets))
 
 
 def _grad_norm(model: torch.nn.Module, workload: Workload, probe: Split) -> float:
@@ -156,7 +166,12 @@ def run_convergence_trial(
     if target is None:
         error = f"workload {workload.name} has no target; pass --target"
         return ended(spec, "error", settings.device, started, error=error)
-    return run_guarded(lambda: _train(workload, spec, settings, conv, target, started), spec, settings.device, started)
+
+    def train() -> TrialResult:
+        with flush_denormal(settings.flush_denormal):
+            return _train(workload, spec, settings, conv, target, started)
+
+    return run_guarded(train, spec, settings.device, started)
 
 
 def _train(

@@ -179,10 +179,6 @@ class SyntheticTransformer(Workload):
         """Mean cross-entropy (nats per token) over every position of (B, T, V) logits and (B, T) targets."""
         return nn.functional.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
 
-    def metric(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """Token accuracy: the fraction of positions whose arg-max logit is the next token."""
-        return float((outputs.argmax(dim=-1) == targets).float().mean().item())
-
     def make_optimizer(self, params: object, lr: float) -> torch.optim.Optimizer:
         """AdamW with betas (0.9, 0.95) and weight decay 0.01, as usual for transformer LMs."""
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)  # type: ignore[arg-type]
