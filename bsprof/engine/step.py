@@ -61,14 +61,25 @@ class StepState:
     """A copy of a training step's model and optimizer state (and gradient scaler), for :meth:`TrainingStep.restore`.
 
     Attributes:
-        model: ``model.state_dict()``, cloned.
-        optimizer: ``optimizer.state_dict()``, deep-copied.
+        model: ``model.state_dict()``, copied to the CPU.
+        optimizer: ``optimizer.state_dict()``, deep-copied to the CPU.
         scaler: ``GradScaler.state_dict()``, or ``None`` without a scaler.
     """
 
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scaler: dict[str, Any] | None
+
+
+def _host_copy(obj: Any) -> Any:
+    """A deep copy of a state dict with every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 class IndexBatcher:
@@ -214,11 +225,11 @@ class TrainingStep:
             group["lr"] = lr
 
     def snapshot(self) -> StepState:
-        """A copy of the model's and optimizer's current state (on the model's device; the data order is not
-        part of it: batches keep coming from the same stream)."""
+        """A copy of the model's and optimizer's current state, in host memory (so a GPU trial's allocator
+        peak is its training's own). The data order is not part of it: batches keep coming from the stream."""
         return StepState(
-            model={k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            model=_host_copy(self.model.state_dict()),
+            optimizer=_host_copy(self.optimizer.state_dict()),
             scaler=None if self._scaler is None else copy.deepcopy(self._scaler.state_dict()),
         )
 
