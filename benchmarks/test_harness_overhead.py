@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -51,7 +50,6 @@ WARMUP_STEPS = 20
 TOLERANCE = 0.03
 SEED = 0
 LR = 0.01
-TORCH_THREADS = 1
 
 
 class _HandLoop:
@@ -141,16 +139,6 @@ def _compare(batch_size: int) -> dict[str, Any]:
         "hand_round_samples_per_s": hand,
         "bsprof_round_samples_per_s": ours,
     }
-
-
-@pytest.fixture
-def torch_threads() -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(TORCH_THREADS)
-    try:
-        yield TORCH_THREADS
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("batch_size", [8, 256], ids=["digits-mlp-B8", "digits-mlp-B256"])

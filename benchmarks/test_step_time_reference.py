@@ -19,7 +19,6 @@ Run: ``python -m pytest benchmarks/test_step_time_reference.py --benchmark-only`
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,7 +37,6 @@ MIN_TIME_S = 1.0  # bsprof's default --min-time
 REFERENCE_MIN_RUN_S = 0.2  # blocked_autorange's default
 TOLERANCE = 0.05
 SEED = 0
-TORCH_THREADS = 1
 
 
 def _bsprof_step_s(batch_size: int, lr: float, repeat: int, sampler: SamplerProcess) -> float:
@@ -53,7 +51,7 @@ def _bsprof_step_s(batch_size: int, lr: float, repeat: int, sampler: SamplerProc
 
 def _reference_step_s(batch_size: int, lr: float) -> float:
     step = TrainingStep(DigitsMLP(), batch_size=batch_size, seed=SEED, lr=lr, device=torch.device("cpu"))
-    timer = Timer(stmt="step()", globals={"step": step}, num_threads=TORCH_THREADS)
+    timer = Timer(stmt="step()", globals={"step": step}, num_threads=1)
     return float(timer.blocked_autorange(min_run_time=REFERENCE_MIN_RUN_S).median)
 
 
@@ -84,16 +82,6 @@ def _compare(batch_size: int) -> dict[str, Any]:
         "bsprof_round_step_time_s": ours,
         "reference_round_step_time_s": ref,
     }
-
-
-@pytest.fixture
-def torch_threads() -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(TORCH_THREADS)
-    try:
-        yield TORCH_THREADS
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("batch_size", [256, 1024], ids=["digits-mlp-B256", "digits-mlp-B1024"])
