@@ -21,7 +21,7 @@ TIMING = TimingSettings(warmup_steps=2, warmup_s=0.0, min_time_s=0.1, min_steps=
 
 class _Recording(nn.Module):
     """A linear model that records, at every training forward, whether its weights are the initial ones;
-    and that sleeps ``base_s * (1 + growth * calls)`` seconds, so its steps slow down with time."""
+    and that sleeps ``base_s * growth ** calls`` seconds, so its steps slow down with time."""
 
     def __init__(self, base_s: float, growth: float) -> None:
         super().__init__()
@@ -33,7 +33,7 @@ class _Recording(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.at_initial.append(bool(torch.equal(self.linear.weight, self.initial)))
-        time.sleep(self.base_s * (1 + self.growth * len(self.at_initial)))
+        time.sleep(self.base_s * self.growth ** len(self.at_initial))
         return self.linear(x)
 
 
@@ -42,7 +42,7 @@ class _RecordingWorkload(Workload):
     base_lr = 0.1
     base_batch_size = 4
 
-    def __init__(self, base_s: float = 0.0, growth: float = 0.0) -> None:
+    def __init__(self, base_s: float = 0.0, growth: float = 1.0) -> None:
         self.base_s, self.growth = base_s, growth
         self.models: list[_Recording] = []
 
@@ -99,8 +99,10 @@ def test_restore_returns_model_and_optimizer_to_the_snapshot() -> None:
 
 
 def test_a_step_that_slows_down_is_flagged_as_drifting() -> None:
-    w = _RecordingWorkload(base_s=0.001, growth=0.02)  # the step gets 2% slower every call
-    _, metrics = _run(w)
+    w = _RecordingWorkload(base_s=0.005, growth=1.3)  # every step 30% slower than the one before
+    # one-step blocks, 8 of them: the last two are 1.3**6 = 4.8x slower than the first two
+    timing = TimingSettings(warmup_steps=1, warmup_s=0.0, min_time_s=0.0, min_steps=1, block_min_s=0.0, min_blocks=8)
+    _, metrics = _run(w, timing)
     assert metrics["step_time_drifted"] is True
     assert metrics["step_time_drift_rel"] > DRIFT_REL_THRESHOLD  # type: ignore[operator]
 
