@@ -33,7 +33,7 @@ def load_with_tb_plugin(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[o
 
 def test_profile_steps_writes_a_trace_and_top_operators(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     step = TrainingStep(DigitsMLP(), batch_size=16, seed=0, lr=0.01, device=torch.device("cpu"))
-    folder = trace_folder(tmp_path / "traces", "run1", "digits-mlp", 16)
+    folder = trace_folder(tmp_path / "traces" / "run1", "digits-mlp", 16)
     result = profile_steps(step, trace_dir=folder, device=torch.device("cpu"), wait=1, warmup=1, active=2)
     assert folder == tmp_path / "traces" / "run1" / "digits-mlp-B16"
     assert [Path(f).parent for f in result.trace_files] == [folder]

@@ -101,10 +101,10 @@ class Monitor:
     By default the polls run in a separate sampler process (:class:`SamplerProcess`), which reads this
     process's RSS and CPU through psutil and opens its own GPU sampler (rebuilt from the sampler's
     :func:`child_spec`): the training loop then pays nothing per poll. Polling from a thread instead costs
-    the training loop a hand-over of Python's GIL per poll (measured: 0.25-0.9 ms beside a 0.2 ms CPU step,
-    so 1-2% of throughput at 20 Hz); that is the fallback for samplers that cannot be rebuilt in another
-    process (e.g. tests' in-memory fakes). If the sampler process fails, the window still ends: GPU fields
-    are empty with the reason, and the host readings come from the window's first and last polls here.
+    the training loop a hand-over of Python's GIL per poll (README, "Telemetry"); that is the fallback for
+    samplers that cannot be rebuilt in another process (e.g. tests' in-memory fakes). If the sampler process
+    fails, the window still ends: GPU fields are empty with the reason, and the host readings come from the
+    window's first and last polls here.
 
     When there is no GPU to read, the host alone is polled at ``host_only_hz`` (default 2 Hz): the peak RSS
     does not depend on polling where the kernel keeps a high-water mark (Linux ``VmHWM``, reset when a
@@ -198,7 +198,9 @@ class Monitor:
             thread.join()
             rows.append(self._poll(t0))
             peak = self.host.peak_rss_bytes() if exact_peak else None
-            out._close(self._reduce(rows, baseline, time.perf_counter() - t0, peak))
+            reasons = dict(getattr(self.gpu, "field_reasons", None) or {})
+            duration = time.perf_counter() - t0
+            out._close(self._reduce(rows, baseline, duration, peak, gpu_reason=self.gpu.reason, field_reasons=reasons))
 
     @contextlib.contextmanager
     def _process_window(self) -> Iterator[Window]:
@@ -248,19 +250,18 @@ class Monitor:
         rows: list[dict[str, float | None]],
         baseline: int,
         duration_s: float,
-        exact_peak: int | None = None,
+        exact_peak: int | None,
         *,
-        gpu_reason: str | object | None = ...,
-        field_reasons: dict[str, str] | None = None,
+        gpu_reason: str | None,
+        field_reasons: dict[str, str],
     ) -> Telemetry:
+        """The window's :class:`Telemetry` from its polls (``exact_peak``: the kernel's RSS high-water mark,
+        bytes, where it could be reset at the window's start)."""
         rss = [int(r["rss_bytes"]) for r in rows if r.get("rss_bytes") is not None]  # type: ignore[arg-type]
         cpu = [float(r["cpu_pct"]) for r in rows[1:] if r.get("cpu_pct") is not None]  # type: ignore[arg-type]
-        reason = self.gpu.reason if gpu_reason is ... else gpu_reason
-        if field_reasons is None:
-            field_reasons = dict(getattr(self.gpu, "field_reasons", None) or {})
         if "gpu" in self._gpu_errors:
             field_reasons = {k: self._gpu_errors["gpu"] for k in GPU_SAMPLE_KEYS} | field_reasons
-        gpu, reasons = reduce_gpu(rows, reason=reason, field_reasons=field_reasons)  # type: ignore[arg-type]
+        gpu, reasons = reduce_gpu(rows, reason=gpu_reason, field_reasons=field_reasons)
         return Telemetry(
             duration_s=duration_s,
             samples=len(rows),
@@ -271,6 +272,6 @@ class Monitor:
             gpu=gpu,
             reasons=reasons,
             series=tuple(rows),
-            gpu_reason=reason,  # type: ignore[arg-type]
+            gpu_reason=gpu_reason,
             gpu_field_reasons=field_reasons,
         )

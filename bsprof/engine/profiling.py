@@ -36,12 +36,11 @@ __all__ = ["ProfileResult", "profile_steps", "top_operators", "trace_folder"]
 
 log = logging.getLogger(__name__)
 
-TENSORBOARD_HINT = "tensorboard --logdir {root}   (needs: pip install 'bsprof[tensorboard]')"
 
-
-def trace_folder(root: str | Path, run_id: str, workload: str, batch_size: int) -> Path:
-    """``<root>/<run_id>/<workload>-B<batch_size>``, the trace folder of one batch size."""
-    return Path(root) / run_id / f"{workload}-B{batch_size}"
+def trace_folder(run_trace_dir: str | Path, workload: str, batch_size: int) -> Path:
+    """``<run_trace_dir>/<workload>-B<batch_size>``: the trace folder of one batch size of a run, whose own
+    folder is ``<trace root>/<run id>``."""
+    return Path(run_trace_dir) / f"{workload}-B{batch_size}"
 
 
 @dataclass(frozen=True)

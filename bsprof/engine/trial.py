@@ -26,7 +26,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -313,9 +312,9 @@ def _flops_metrics(
 
 def _profile(workload: Workload, spec: TrialSpec, settings: EngineSettings, step: TrainingStep) -> ProfileInfo:
     """The optional profiler pass, after timing, on the trial's step: trace folder and top operators."""
-    from bsprof.engine.profiling import profile_steps
+    from bsprof.engine.profiling import profile_steps, trace_folder
 
-    folder = Path(settings.trace_dir or "reports/traces/unnamed-run") / f"{workload.name}-B{spec.batch_size}"
+    folder = trace_folder(settings.trace_dir or "reports/traces/unnamed-run", workload.name, spec.batch_size)
     try:
         result = profile_steps(step, trace_dir=folder, device=settings.device, sync=synchronizer(settings.device))
     except Exception as e:  # noqa: BLE001 - profiling is a by-product; its failure must not fail the trial
