@@ -10,24 +10,15 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
+from bsprof.formatting import TIME_UNITS, format_bytes, format_number, format_seconds, format_spread, select_unit
+
 if TYPE_CHECKING:
     from bsprof.engine.trial import TrialResult, TrialSpec
     from bsprof.store import Store
 
-__all__ = ["Progress", "format_bytes", "print_comparison", "print_summary"]
+__all__ = ["Progress", "print_comparison", "print_summary"]
 
 log = logging.getLogger("bsprof")
-
-
-def format_bytes(n: float | None) -> str:
-    """``1536`` -> ``"1.5 KiB"``; empty for missing values."""
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 def _describe(spec: TrialSpec) -> str:
@@ -86,38 +77,9 @@ class Progress:
         log.info("[%d/%d] %s: %s%s", done, total, _describe(spec), result.status, detail)
 
 
-def _num(v: Any, fmt: str = "{:,.0f}") -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return ""
-    if math.isnan(f):
-        return ""
-    if math.isinf(f):
-        return "∞"
-    return fmt.format(f)
-
-
-def _si(v: float) -> str:
-    """``40583`` -> ``"40.6k"``: three significant digits with an SI suffix."""
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= div:
-            return f"{v / div:.3g}{suffix}"
-    return f"{v:.3g}"
-
-
-def _spread(mid: Any, lo: Any, hi: Any) -> str:
-    """``"40.6k [31.9k–41.2k]"``; just the middle when the spread is unknown."""
-    if not _num(mid):
-        return ""
-    if not (_num(lo) and _num(hi)) or float(lo) == float(hi):
-        return _si(float(mid))
-    return f"{_si(float(mid))} [{_si(float(lo))}–{_si(float(hi))}]"
-
-
 def _ci(row: Any, col: str, fmt: str) -> str:
-    mid = _num(getattr(row, col), fmt)
-    lo, hi = _num(getattr(row, f"{col}_ci_low"), fmt), _num(getattr(row, f"{col}_ci_high"), fmt)
+    mid = format_number(getattr(row, col), fmt)
+    lo, hi = format_number(getattr(row, f"{col}_ci_low"), fmt), format_number(getattr(row, f"{col}_ci_high"), fmt)
     return f"{mid} [{lo}–{hi}]" if mid and lo and (lo != mid or hi != mid) else mid
 
 
@@ -140,8 +102,9 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
         a = analyze(trials, run.config.get("lr_rule"))  # every derived table, computed once
         table = a.tradeoff
         heads = ["batch", "samples/s [p25–p75]", "step time ± IQR", "peak mem", "steps→target [95% CI]",
-                 "samples→target", "wall-clock→target", "reached", "E(B)", "regime", "val/train metric",
-                 "status"]  # fmt: skip
+                 "samples→target", "wall-clock→target (est.)", "train time→target (measured)", "reached", "E(B)",
+                 "regime", "val/train metric", "status"]  # fmt: skip
+        step_unit = select_unit(table["step_time_s"], TIME_UNITS)  # one unit for the column, from its values
         rows = []
         for r in table.itertuples():
             reached = "" if math.isnan(float(getattr(r, "reached_fraction", math.nan))) else f"{r.reached}/{r.seeds}"
@@ -150,23 +113,25 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
                 for x in (str(r.throughput_status or ""), str(r.statuses or ""))
                 if x and x not in ("nan", "None", "ok")
             )
-            metric = (f"{_num(r.final_val_metric, '{:.3f}')} / {_num(r.final_train_metric, '{:.3f}')}"
-                      if _num(r.final_val_metric, "{:.3f}") else "")  # fmt: skip
+            metric = (f"{format_number(r.final_val_metric, '{:.3f}')} / {format_number(r.final_train_metric, '{:.3f}')}"
+                      if format_number(r.final_val_metric, "{:.3f}") else "")  # fmt: skip
             rows.append(
                 [
                     str(r.batch_size),
-                    _spread(r.samples_per_s, r.samples_per_s_p25, r.samples_per_s_p75),
+                    format_spread(r.samples_per_s, r.samples_per_s_p25, r.samples_per_s_p75),
                     (
-                        f"{float(r.step_time_s) * 1e3:.3f} ± {float(r.step_time_iqr_s) * 1e3:.3f} ms"
-                        if _num(r.step_time_s) and _num(r.step_time_iqr_s)
+                        f"{format_seconds(r.step_time_s, step_unit, 4)} ± "
+                        f"{format_seconds(r.step_time_iqr_s, step_unit, 2)}"
+                        if format_number(r.step_time_s) and format_number(r.step_time_iqr_s)
                         else ""
                     ),
-                    format_bytes(None if math.isnan(float(r.peak_mem_bytes)) else float(r.peak_mem_bytes)),
+                    format_bytes(r.peak_mem_bytes),
                     _ci(r, "steps_to_target", "{:,.0f}"),
-                    _num(r.samples_to_target),
-                    _num(r.wallclock_to_target_s, "{:.3f} s"),
+                    format_number(r.samples_to_target),
+                    format_seconds(r.wallclock_to_target_s),
+                    format_seconds(r.time_to_target_s),
                     reached,
-                    _num(r.scaling_efficiency, "{:.2f}"),
+                    format_number(r.scaling_efficiency, "{:.2f}"),
                     r.regime if isinstance(r.regime, str) else "",
                     metric,
                     statuses or "ok",
@@ -235,11 +200,12 @@ def print_comparison(
         if math.isinf(v):
             return "missed"
         if metric == "step_time_s":
-            return _num(v * 1e3, "{:.4g} ms")
+            return format_seconds(v, step_unit, 4)
         if metric == "peak_mem_bytes":
             return format_bytes(v)
-        return _num(v, "{:,.0f}" if float(v).is_integer() else "{:,.1f}")
+        return format_number(v, "{:,.0f}" if float(v).is_integer() else "{:,.1f}")
 
+    step_unit = select_unit([v for c in comparisons if c.metric == "step_time_s" for v in (c.base, c.new)], TIME_UNITS)
     colour = {"regression": "red", "improvement": "green", "not significant": "yellow"}
     mem = f"; peak memory: grows by > {mem_threshold:.0%}" if mem_threshold is not None else ""
     t = Table(

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bsprof.formatting import TIME_UNITS, select_unit
+
 if TYPE_CHECKING:
     import pandas as pd
 
 B_TITLE = "batch size B (log₂ scale)"
 WIDE, HALF, THIRD = 760, 420, 290
 HEIGHT = 260
-_MIB = 2.0**20
 
 
 def _alt() -> Any:
@@ -91,12 +92,9 @@ def _log_ok(values: Iterable[float]) -> bool:
 
 
 def _time_unit(seconds: Iterable[float]) -> tuple[str, float]:
-    v = [abs(x) for x in seconds if x is not None and math.isfinite(x) and x != 0]
-    m = float(np.median(v)) if v else 1.0
-    for unit, scale in (("s", 1.0), ("ms", 1e3), ("µs", 1e6)):
-        if m * scale >= 1:
-            return unit, scale
-    return "ns", 1e9
+    """(unit, multiplier) to display ``seconds`` in: :func:`bsprof.formatting.select_unit` over their values."""
+    name, size = select_unit(seconds, TIME_UNITS)
+    return name, 1.0 / size
 
 
 def _tip(field: str, title: str, fmt: str | None = None) -> Any:

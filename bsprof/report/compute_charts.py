@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     import altair as alt
     import pandas as pd
 
+from bsprof.formatting import BYTE_UNITS, select_unit
 from bsprof.report._chart_base import (
-    _MIB,
     HALF,
     HEIGHT,
     THIRD,
@@ -131,7 +131,7 @@ def memory_chart(
     alt = _alt()
     t = _frame(throughput, "throughput trials")
     biggest = max([*_num(t, "peak_mem_bytes").dropna(), *_capacities(capacity_bytes), 0.0])
-    unit, div = ("GiB", 2.0**30) if biggest >= 4 * 2.0**30 else ("MiB", _MIB)
+    unit, div = select_unit([biggest], [u for u in BYTE_UNITS if u[0] in ("GiB", "MiB")], at_least=4)
     t["peak_mem"] = _num(t, "peak_mem_bytes") / div
     ooms = t[t["status"].astype(str).str.contains("oom")][["run", "batch_size"]]
     if oom is not None and len(oom):

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from bsprof.report.data import ReportData
 
+from bsprof.formatting import capitalize, format_bytes, format_number, format_seconds, format_sig, plus_minus
 from bsprof.report.sections_accuracy import (
     curves_section,
     generalization_section,
@@ -31,18 +32,7 @@ from bsprof.report.sections_compute import (
     ops_section,
     throughput_section,
 )
-from bsprof.report.text import (
-    STATUS_ORDER,
-    Section,
-    Table,
-    _bytes,
-    _cap,
-    _f,
-    _g,
-    _pm,
-    _prefix,
-    _seconds,
-)
+from bsprof.report.text import STATUS_ORDER, Section, Table, run_prefix
 
 __all__ = ["Section", "Table", "build_sections"]
 
@@ -59,12 +49,12 @@ def _headline(d: ReportData, store_hint: str) -> Section:
             return float(r[col].iloc[0]) if b is not None and len(r) and col in r else math.nan
 
         fast = (
-            f"B={rec.fastest_wallclock} ({_seconds(at(rec.fastest_wallclock, 'wallclock_to_target_s'))})"
+            f"B={rec.fastest_wallclock} ({format_seconds(at(rec.fastest_wallclock, 'wallclock_to_target_s'))})"
             if (rec.fastest_wallclock is not None)
             else "—"
         )
         few = (
-            f"B={rec.fewest_samples} ({_f(at(rec.fewest_samples, 'samples_to_target'))} samples)"
+            f"B={rec.fewest_samples} ({format_number(at(rec.fewest_samples, 'samples_to_target'))} samples)"
             if (rec.fewest_samples is not None)
             else "—"
         )
@@ -73,9 +63,9 @@ def _headline(d: ReportData, store_hint: str) -> Section:
         if f is None or not math.isfinite(f.b_noise):
             crit = "not estimated (fewer than 2 batch sizes reached the target)"
         elif f.constrained:
-            crit = f"≈ {_pm(f.b_noise, f.b_noise_se)} samples"
+            crit = f"≈ {plus_minus(f.b_noise, f.b_noise_se)} samples"
         else:
-            crit = f"≈ {_g(f.b_noise)} (not constrained: {f.reason})"
+            crit = f"≈ {format_sig(f.b_noise)} (not constrained: {f.reason})"
         run = next(r for r in d.runs if r.label == label)
         rows.append([label, fast, few, energy, crit, _max_batch_text(d, run.workload, run.device)])
         parts = []
@@ -89,10 +79,10 @@ def _headline(d: ReportData, store_hint: str) -> Section:
             sentence = "; ".join(parts)
             if f is not None and f.constrained:
                 sentence += (
-                    f". Up to the critical batch size B_crit ≈ {_pm(f.b_noise, f.b_noise_se)} a bigger "
+                    f". Up to the critical batch size B_crit ≈ {plus_minus(f.b_noise, f.b_noise_se)} a bigger "
                     "batch saves steps almost for free; beyond it, it mostly costs samples"
                 )
-            s.sentences.append(_prefix(label, many) + _cap(sentence) + ".")
+            s.sentences.append(run_prefix(label, many) + capitalize(sentence) + ".")
     for run in d.runs:
         if not any(label == run.label for label, _ in d.recommendations):
             why = "no trials" if run.trials == 0 else "no throughput trial and no reported convergence trial"
@@ -173,7 +163,7 @@ def _environment_table(d: ReportData) -> Table:
         vals = []
         for r in d.runs:
             v = r.environment.get(key)
-            vals.append(_bytes(v) if key == "device_memory_bytes" and v else ("" if v is None else str(v)))
+            vals.append(format_bytes(v) if key == "device_memory_bytes" and v else ("" if v is None else str(v)))
         if any(vals):
             rows.append([name, *vals])
     cfg = []
@@ -238,15 +228,15 @@ def _trials(d: ReportData) -> Section:
         for col, _, kind in _TRIAL_COLS:
             v = rec.get(col)
             if kind == "int":
-                cells.append(_f(v))
+                cells.append(format_number(v))
             elif kind == "g":
-                cells.append(_g(v))
+                cells.append(format_sig(v))
             elif kind == "g4":
-                cells.append(_f(v, "{:.4f}"))
+                cells.append(format_number(v, "{:.4f}"))
             elif kind == "s":
-                cells.append(_seconds(v))
+                cells.append(format_seconds(v))
             elif kind == "bytes":
-                cells.append(_bytes(v))
+                cells.append(format_bytes(v))
             elif kind == "text":
                 cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)[:300])
             else:

@@ -12,18 +12,8 @@ if TYPE_CHECKING:
 
     from bsprof.report.data import ReportData
 
-from bsprof.report.text import (
-    Section,
-    _by_run,
-    _f,
-    _finite_mask,
-    _g,
-    _pm,
-    _prefix,
-    _ratio,
-    _seconds,
-    _sizes,
-)
+from bsprof.formatting import format_number, format_ratio, format_seconds, format_sig, join_sizes, plus_minus
+from bsprof.report.text import Section, by_run, finite_mask, run_prefix
 
 __all__ = ["curves_section", "generalization_section", "lr_section", "steps_section", "to_target_section"]
 
@@ -61,23 +51,26 @@ def steps_section(d: ReportData, store_hint: str) -> Section:
         return s
     c = d.convergence
     many = len(d.runs) > 1
-    for run, g in _by_run(c, d):
+    for run, g in by_run(c, d):
         g = g.sort_values("batch_size")
-        fin = g[_finite_mask(g, "steps_to_target")]
-        missed = g[~_finite_mask(g, "steps_to_target")]
+        fin = g[finite_mask(g, "steps_to_target")]
+        missed = g[~finite_mask(g, "steps_to_target")]
         if fin.empty:
             s.sentences.append(
-                f"{_prefix(run, many)}No batch size reached the target on the median seed "
+                f"{run_prefix(run, many)}No batch size reached the target on the median seed "
                 f"({_statuses(g)}); raise `--max-epochs`/`--max-time` or lower `--target`."
             )
             continue
         a, z = fin.iloc[0], fin.iloc[-1]
-        text = f"{_prefix(run, many)}Steps to target fall from {_f(a['steps_to_target'])} at B={int(a['batch_size'])}"
+        text = (
+            f"{run_prefix(run, many)}Steps to target fall from {format_number(a['steps_to_target'])} at "
+            f"B={int(a['batch_size'])}"
+        )
         if len(fin) > 1:
             text += (
-                f" to {_f(z['steps_to_target'])} at B={int(z['batch_size'])}: "
-                f"{_ratio(a['steps_to_target'], z['steps_to_target'])} fewer steps for "
-                f"{_ratio(z['batch_size'], a['batch_size'])} the batch"
+                f" to {format_number(z['steps_to_target'])} at B={int(z['batch_size'])}: "
+                f"{format_ratio(a['steps_to_target'], z['steps_to_target'])} fewer steps for "
+                f"{format_ratio(z['batch_size'], a['batch_size'])} the batch"
             )
         reg = _regime_text(g)
         if reg:
@@ -88,18 +81,19 @@ def steps_section(d: ReportData, store_hint: str) -> Section:
             f = fit.iloc[0]
             if bool(f["constrained"]):
                 s.sentences.append(
-                    f"{_prefix(run, many)}Fit S = S_min(1 + B_noise/B): S_min = {_pm(f['s_min'], f['s_min_se'])} "
-                    f"steps, B_noise = B_crit = {_pm(f['b_noise'], f['b_noise_se'])} samples, "
-                    f"E_min = {_g(f['e_min'])} samples (McCandlish et al. 2018)."
+                    f"{run_prefix(run, many)}Fit S = S_min(1 + B_noise/B): S_min = "
+                    f"{plus_minus(f['s_min'], f['s_min_se'])} "
+                    f"steps, B_noise = B_crit = {plus_minus(f['b_noise'], f['b_noise_se'])} samples, "
+                    f"E_min = {format_sig(f['e_min'])} samples (McCandlish et al. 2018)."
                 )
             else:
                 s.sentences.append(
-                    f"{_prefix(run, many)}The noise-scale fit is not constrained ({f['reason']}), so "
+                    f"{run_prefix(run, many)}The noise-scale fit is not constrained ({f['reason']}), so "
                     "no fitted curve is drawn; the regimes come from measured slopes."
                 )
         if len(missed):
             s.sentences.append(
-                f"{_prefix(run, many)}B={_sizes(missed['batch_size'])}: the median seed missed the target "
+                f"{run_prefix(run, many)}B={join_sizes(missed['batch_size'])}: the median seed missed the target "
                 f"({_statuses(missed)})."
             )
     rules = {r.label: r.lr_rule for r in d.runs}
@@ -124,34 +118,34 @@ def to_target_section(d: ReportData, store_hint: str) -> Section:
         return s
     t = d.tradeoff
     many = len(d.runs) > 1
-    for run, g in _by_run(t, d):
+    for run, g in by_run(t, d):
         g = g.sort_values("batch_size")
-        sm = g[_finite_mask(g, "samples_to_target")]
+        sm = g[finite_mask(g, "samples_to_target")]
         if len(sm) >= 2:
             a, z = sm.iloc[0], sm.iloc[-1]
             s.sentences.append(
-                f"{_prefix(run, many)}Samples to target grow from {_f(a['samples_to_target'])} "
+                f"{run_prefix(run, many)}Samples to target grow from {format_number(a['samples_to_target'])} "
                 f"at B={int(a['batch_size'])} "
-                f"to {_f(z['samples_to_target'])} at B={int(z['batch_size'])} "
-                f"({_ratio(z['samples_to_target'], a['samples_to_target'])}): bigger batches cost more compute."
+                f"to {format_number(z['samples_to_target'])} at B={int(z['batch_size'])} "
+                f"({format_ratio(z['samples_to_target'], a['samples_to_target'])}): bigger batches cost more compute."
             )
-        w = g[_finite_mask(g, "wallclock_to_target_s")]
+        w = g[finite_mask(g, "wallclock_to_target_s")]
         if len(w):
             best = w.loc[w["wallclock_to_target_s"].astype(float).idxmin()]
             text = (
-                f"{_prefix(run, many)}Wall-clock to target is lowest at B={int(best['batch_size'])} "
-                f"({_seconds(best['wallclock_to_target_s'])})"
+                f"{run_prefix(run, many)}Wall-clock to target is lowest at B={int(best['batch_size'])} "
+                f"({format_seconds(best['wallclock_to_target_s'])})"
             )
             first = w.iloc[0]
             if int(first["batch_size"]) != int(best["batch_size"]):
                 text += (
-                    f", {_ratio(first['wallclock_to_target_s'], best['wallclock_to_target_s'])} faster than at "
+                    f", {format_ratio(first['wallclock_to_target_s'], best['wallclock_to_target_s'])} faster than at "
                     f"B={int(first['batch_size'])}"
                 )
             front = g[g.get("pareto_time_samples", False) == True]["batch_size"]  # noqa: E712
             if len(front):
                 text += (
-                    f". The Pareto frontier of time vs samples holds B={_sizes(sorted(front))}; any other batch "
+                    f". The Pareto frontier of time vs samples holds B={join_sizes(sorted(front))}; any other batch "
                     "size is both slower and needs more samples than one of these"
                 )
             s.sentences.append(text + ".")
@@ -160,23 +154,23 @@ def to_target_section(d: ReportData, store_hint: str) -> Section:
             )
             if len(off):
                 ratios = ", ".join(
-                    f"B={int(r['batch_size'])}: {_g(r['time_to_target_ratio'], 2)}x" for _, r in off.iterrows()
+                    f"B={int(r['batch_size'])}: {format_sig(r['time_to_target_ratio'], 2)}x" for _, r in off.iterrows()
                 )
                 s.sentences.append(
-                    f"{_prefix(run, many)}The convergence trials' own training time to target differs from this "
+                    f"{run_prefix(run, many)}The convergence trials' own training time to target differs from this "
                     f"estimate (steps to target x throughput step time) by more than the noise of either "
                     f"(measured / estimate: {ratios}): throughput was measured in a different state than "
                     "training to the target reaches, or the host's speed changed between the trials."
                 )
         elif len(sm):
             s.sentences.append(
-                f"{_prefix(run, many)}No wall-clock to target: no throughput trial measured the step "
+                f"{run_prefix(run, many)}No wall-clock to target: no throughput trial measured the step "
                 f"time (run `bsprof sweep --kind throughput {store_hint}`)."
             )
     s.chart("to-target", lambda: charts.to_target_chart(t))
-    if len(t) and _finite_mask(t, "wallclock_to_target_s").any():
+    if len(t) and finite_mask(t, "wallclock_to_target_s").any():
         s.chart("pareto", lambda: charts.pareto_chart(t))
-    if "energy_to_target_j" not in t.columns or not _finite_mask(t, "energy_to_target_j").any():
+    if "energy_to_target_j" not in t.columns or not finite_mask(t, "energy_to_target_j").any():
         s.notes.append(
             "Energy to target is not measured (it needs GPU energy readings), so there is no time-vs-energy frontier."
         )
@@ -194,13 +188,14 @@ def curves_section(d: ReportData, store_hint: str) -> Section:
         return s
     n_trials, n_b = cv["trial_id"].nunique(), cv["batch_size"].nunique()
     text = f"{n_trials} learning curves over {n_b} batch sizes"
-    c = d.convergence[_finite_mask(d.convergence, "steps_to_target")] if len(d.convergence) else d.convergence
+    c = d.convergence[finite_mask(d.convergence, "steps_to_target")] if len(d.convergence) else d.convergence
     if len(c) >= 2 and len(d.runs) == 1:
         a, z = c.sort_values("batch_size").iloc[0], c.sort_values("batch_size").iloc[-1]
         text += (
-            f": B={int(a['batch_size'])} reaches the target after {_f(a['steps_to_target'])} steps "
-            f"({_f(a['samples_to_target'])} samples), B={int(z['batch_size'])} after {_f(z['steps_to_target'])} "
-            f"steps ({_f(z['samples_to_target'])} samples)"
+            f": B={int(a['batch_size'])} reaches the target after {format_number(a['steps_to_target'])} steps "
+            f"({format_number(a['samples_to_target'])} samples), B={int(z['batch_size'])} after "
+            f"{format_number(z['steps_to_target'])} "
+            f"steps ({format_number(z['samples_to_target'])} samples)"
         )
     s.sentences.append(
         text + ". Click a batch size in the legend to pick it (shift-click for more, double-click to reset)."
@@ -219,22 +214,23 @@ def generalization_section(d: ReportData, store_hint: str) -> Section:
     c = d.convergence
     many = len(d.runs) > 1
     trends = {"grows": "grows with the batch size", "shrinks": "shrinks with the batch size"}
-    for run, g in _by_run(d.gap_trend, d):
+    for run, g in by_run(d.gap_trend, d):
         for r in g[g["points"] >= 2].itertuples():
             s.sentences.append(
-                f"{_prefix(run, many)}The gap between final train and validation metric ranges from {r.min_gap:.3f} "
+                f"{run_prefix(run, many)}The gap between final train and validation metric ranges from {r.min_gap:.3f} "
                 f"(B={int(r.min_gap_batch_size)}) to {r.max_gap:.3f} (B={int(r.max_gap_batch_size)}) and "
                 f"{trends.get(r.trend, 'shows no clear trend with the batch size')} "
                 f"(Spearman ρ = {r.rho:.2f}; Keskar et al. 2016 report larger gaps for large batches)."
             )
     fs = d.final_state
-    for run, g in _by_run(fs, d):
-        g = g[_finite_mask(g, "weight_distance")].sort_values("batch_size")
+    for run, g in by_run(fs, d):
+        g = g[finite_mask(g, "weight_distance")].sort_values("batch_size")
         if len(g) >= 2:
             a, z = g.iloc[0], g.iloc[-1]
             s.sentences.append(
-                f"{_prefix(run, many)}At the end of training the weights are {_g(a['weight_distance'])} from their "
-                f"initialization at B={int(a['batch_size'])} and {_g(z['weight_distance'])} "
+                f"{run_prefix(run, many)}At the end of training the weights are "
+                f"{format_sig(a['weight_distance'])} from their "
+                f"initialization at B={int(a['batch_size'])} and {format_sig(z['weight_distance'])} "
                 f"at B={int(z['batch_size'])} "
                 "(L2 norm, median over seeds)."
             )
@@ -263,18 +259,19 @@ def lr_section(d: ReportData, store_hint: str) -> Section:
         )
         return s
     many = len(d.runs) > 1
-    for run, g in _by_run(t, d):
+    for run, g in by_run(t, d):
         best = g[g["best"].astype(bool)].sort_values("batch_size")
         if len(best):
             a, z = best.iloc[0], best.iloc[-1]
             text = (
-                f"{_prefix(run, many)}The best learning rate goes from {_g(a['lr'])} at B={int(a['batch_size'])} to "
-                f"{_g(z['lr'])} at B={int(z['batch_size'])}"
+                f"{run_prefix(run, many)}The best learning rate goes from {format_sig(a['lr'])} at "
+                f"B={int(a['batch_size'])} to "
+                f"{format_sig(z['lr'])} at B={int(z['batch_size'])}"
             )
             edge = best[best["best_on_edge"].astype(bool)]["batch_size"]
             if len(edge):
                 text += (
-                    f"; at B={_sizes(edge)} it lies on the edge of the grid, so a better LR may lie outside it "
+                    f"; at B={join_sizes(edge)} it lies on the edge of the grid, so a better LR may lie outside it "
                     "(a larger `--tune-lr`)"
                 )
             s.sentences.append(text + ".")

@@ -12,19 +12,8 @@ from bsprof.report import charts
 if TYPE_CHECKING:
     from bsprof.report.data import ReportData
 
-from bsprof.report.text import (
-    Section,
-    Table,
-    _by_run,
-    _bytes,
-    _cap,
-    _f,
-    _finite_mask,
-    _prefix,
-    _ratio,
-    _seconds,
-    _sizes,
-)
+from bsprof.formatting import capitalize, format_bytes, format_number, format_ratio, format_seconds, join_sizes
+from bsprof.report.text import Section, Table, by_run, finite_mask, run_prefix
 
 __all__ = ["benchmarks_section", "gpu_section", "memory_section", "ops_section", "throughput_section"]
 
@@ -33,7 +22,7 @@ def throughput_section(d: ReportData, store_hint: str) -> Section:
     """Section 2: throughput and step time."""
     s = Section("throughput", "2. Throughput and step time")
     tp = d.throughput
-    ok = tp[_finite_mask(tp, "samples_per_s")] if len(tp) else tp
+    ok = tp[finite_mask(tp, "samples_per_s")] if len(tp) else tp
     if ok.empty:
         s.notes.append(
             "No successful throughput trial in these runs"
@@ -42,18 +31,23 @@ def throughput_section(d: ReportData, store_hint: str) -> Section:
         )
         return s
     many = len(d.runs) > 1
-    for run, g in _by_run(ok, d):
+    for run, g in by_run(ok, d):
         g = g.sort_values("batch_size")
         b, v = g["batch_size"].to_numpy(), g["samples_per_s"].astype(float).to_numpy()
         if len(g) == 1:
-            s.sentences.append(f"{_prefix(run, many)}Only B={b[0]} measured: {_f(v[0])} samples/s.")
+            s.sentences.append(f"{run_prefix(run, many)}Only B={b[0]} measured: {format_number(v[0])} samples/s.")
             continue
         i = int(np.argmax(v))
-        text = f"{_prefix(run, many)}Throughput grows {_ratio(v[i], v[0])} from B={b[0]} ({_f(v[0])} samples/s) to "
+        text = (
+            f"{run_prefix(run, many)}Throughput grows {format_ratio(v[i], v[0])} from B={b[0]} "
+            f"({format_number(v[0])} samples/s) to "
+        )
         if i == len(v) - 1:
-            text += f"B={b[i]} ({_f(v[i])} samples/s), " + ("still rising" if v[-1] > 1.05 * v[-2] else "levelling off")
+            text += f"B={b[i]} ({format_number(v[i])} samples/s), " + (
+                "still rising" if v[-1] > 1.05 * v[-2] else "levelling off"
+            )
         else:
-            text += f"a peak at B={b[i]} ({_f(v[i])} samples/s), then "
+            text += f"a peak at B={b[i]} ({format_number(v[i])} samples/s), then "
             drop = 1 - v[-1] / v[i]
             text += f"falls {drop:.0%} by B={b[-1]}" if drop > 0.05 else f"stays within 5% up to B={b[-1]}"
         eff = float(g["scaling_efficiency"].iloc[-1]) if "scaling_efficiency" in g else math.nan
@@ -66,7 +60,8 @@ def throughput_section(d: ReportData, store_hint: str) -> Section:
         if spread.notna().any() and spread.max() > 1.5:
             j = spread.idxmax()
             s.sentences.append(
-                f"{_prefix(run, many)}Measurements are noisy: at B={int(g.loc[j, 'batch_size'])} the p75 throughput is "
+                f"{run_prefix(run, many)}Measurements are noisy: at B={int(g.loc[j, 'batch_size'])} the p75 "
+                f"throughput is "
                 f"{spread.max():.1f}x the p25 (a busy host?); more `--repeats` give steadier medians."
             )
     s.chart("throughput", lambda: charts.throughput_chart(d.throughput))
@@ -84,7 +79,7 @@ def memory_section(d: ReportData, store_hint: str) -> Section:
         r.label: r.environment.get("device_memory_bytes") for r in d.runs if r.environment.get("device_memory_bytes")
     }
     conv_oom = d.trials[(d.trials["kind"] == "convergence") & (d.trials["status"] == "oom")][["run", "batch_size"]]
-    mem = tp[_finite_mask(tp, "peak_mem_bytes")] if len(tp) else tp
+    mem = tp[finite_mask(tp, "peak_mem_bytes")] if len(tp) else tp
     oom_rows = (
         pd.concat([tp[tp["status"].astype(str).str.contains("oom")][["run", "batch_size"]], conv_oom])
         if len(tp)
@@ -93,15 +88,18 @@ def memory_section(d: ReportData, store_hint: str) -> Section:
     if mem.empty and oom_rows.empty:
         s.notes.append(f"No peak memory measured (no successful throughput trial). Run `bsprof sweep {store_hint}`.")
         return s
-    for run, g in _by_run(mem, d):
+    for run, g in by_run(mem, d):
         g = g.sort_values("batch_size")
         lo, hi = g.iloc[0], g.iloc[-1]
         text = (
-            f"{_prefix(run, many)}Peak memory goes from {_bytes(lo['peak_mem_bytes'])} at B={int(lo['batch_size'])} "
-            f"to {_bytes(hi['peak_mem_bytes'])} at B={int(hi['batch_size'])}"
+            f"{run_prefix(run, many)}Peak memory goes from {format_bytes(lo['peak_mem_bytes'])} at "
+            f"B={int(lo['batch_size'])} "
+            f"to {format_bytes(hi['peak_mem_bytes'])} at B={int(hi['batch_size'])}"
         )
         if run in caps:
-            text += f", {float(g['peak_mem_bytes'].max()) / float(caps[run]):.0%} of the device's {_bytes(caps[run])}"
+            text += (
+                f", {float(g['peak_mem_bytes'].max()) / float(caps[run]):.0%} of the device's {format_bytes(caps[run])}"
+            )
         s.sentences.append(text + ".")
     devices = {r.label: r.device for r in d.runs}
     if any(not str(devices.get(r, "")).startswith("cuda") for r in mem["run"].unique()):
@@ -111,8 +109,8 @@ def memory_section(d: ReportData, store_hint: str) -> Section:
             "is reused without growing it."
         )
     if len(oom_rows):
-        for run, g in _by_run(oom_rows, d):
-            s.sentences.append(f"{_prefix(run, many)}Out of memory at B={_sizes(sorted(set(g['batch_size'])))}.")
+        for run, g in by_run(oom_rows, d):
+            s.sentences.append(f"{run_prefix(run, many)}Out of memory at B={join_sizes(sorted(set(g['batch_size'])))}.")
     else:
         s.sentences.append("No batch size ran out of memory.")
     s.chart("memory", lambda: charts.memory_chart(tp, caps or None, conv_oom))
@@ -139,7 +137,7 @@ def gpu_section(d: ReportData) -> Section:
         )
         return s
     many = len(d.runs) > 1
-    for run, r in _by_run(g, d):
+    for run, r in by_run(g, d):
         r = r.sort_values("batch_size")
         bits = []
         for col, name, fmt in (("gpu_util_pct", "GPU utilization", "{:.0f}%"), ("power_w", "power", "{:.0f} W")):
@@ -158,7 +156,7 @@ def gpu_section(d: ReportData) -> Section:
                     f"({lo['energy_per_sample_j'] * 1e3:.3g} mJ)"
                 )
         if bits:
-            s.sentences.append(_prefix(run, many) + _cap("; ".join(bits)) + ".")
+            s.sentences.append(run_prefix(run, many) + capitalize("; ".join(bits)) + ".")
     s.chart("gpu", lambda: charts.gpu_chart(g))
     return s
 
@@ -177,13 +175,13 @@ def ops_section(d: ReportData, store_hint: str) -> Section:
             s.commands.append(f"tensorboard --logdir {root}")
         return s
     many = len(d.runs) > 1
-    for run, g in _by_run(ops, d):
+    for run, g in by_run(ops, d):
         bs = sorted(g["batch_size"].unique())
         parts = []
         for b in (bs[0], bs[-1]) if len(bs) > 1 else (bs[0],):
             top = g[g["batch_size"] == b].sort_values("self_s_per_step", ascending=False).iloc[0]
             parts.append(f"at B={int(b)} {top['name']} takes {top['share_pct']:.0f}% of the operators' self time")
-        s.sentences.append(_prefix(run, many) + _cap("; ".join(parts)) + ".")
+        s.sentences.append(run_prefix(run, many) + capitalize("; ".join(parts)) + ".")
     s.chart("ops", lambda: charts.top_operators_chart(ops))
     s.sentences.append(
         "Open the full traces in TensorBoard (needs `pip install 'bsprof[tensorboard]'`) or in Perfetto's UI:"
@@ -208,22 +206,30 @@ def benchmarks_section(d: ReportData) -> Section:
         return s
     files = sorted(set(b["file"]))
     rel = (b["iqr"] / b["median"]).astype(float)
-    text = f"{len(b)} benchmark(s) from {_sizes(files) if len(files) > 1 else files[0]}"
+    text = f"{len(b)} benchmark(s) from {join_sizes(files) if len(files) > 1 else files[0]}"
     fast, slow = b.loc[b["median"].idxmin()], b.loc[b["median"].idxmax()]
     if len(b) > 1:
         text += (
-            f"; medians range from {_seconds(fast['median'])} ({fast['name']}) to {_seconds(slow['median'])} "
+            f"; medians range from {format_seconds(fast['median'])} ({fast['name']}) to "
+            f"{format_seconds(slow['median'])} "
             f"({slow['name']})"
         )
     else:
-        text += f": median {_seconds(fast['median'])} per round"
+        text += f": median {format_seconds(fast['median'])} per round"
     if rel.notna().any() and rel.max() > 0.1:
         j = rel.idxmax()
         text += f"; the noisiest, {b.loc[j, 'name']}, has an IQR of {rel.max():.0%} of its median"
     s.sentences.append(text + ".")
     s.chart("benchmarks", lambda: charts.benchmarks_chart(b))
     rows = [
-        [r["name"], _seconds(r["min"]), _seconds(r["median"]), _seconds(r["iqr"]), _f(r["rounds"]), r["extra_info"]]
+        [
+            r["name"],
+            format_seconds(r["min"]),
+            format_seconds(r["median"]),
+            format_seconds(r["iqr"]),
+            format_number(r["rounds"]),
+            r["extra_info"],
+        ]
         for _, r in b.iterrows()
     ]
     s.tables.append(Table(["benchmark", "min", "median", "IQR", "rounds", "extra_info"], rows, numeric={1, 2, 3, 4}))
