@@ -39,6 +39,18 @@ def _q(series: pd.Series, q: float) -> float:
     return float(series.quantile(q)) if len(series) else math.nan
 
 
+def _drift(ok: pd.DataFrame) -> dict[str, Any]:
+    """Within-trial drift of a batch size's ok throughput trials (columns the engine may not have written)."""
+    import pandas as pd
+
+    flags = ok["step_time_drifted"] if "step_time_drifted" in ok.columns else pd.Series(dtype=object)
+    rel = pd.to_numeric(ok["step_time_drift_rel"], errors="coerce") if "step_time_drift_rel" in ok.columns else None
+    worst = math.nan
+    if rel is not None and rel.notna().any():
+        worst = float(rel.loc[rel.abs().idxmax()])
+    return {"drifted_trials": int(sum(f is True or f == 1 for f in flags.dropna())), "step_time_drift_rel": worst}
+
+
 def throughput_table(trials: pd.DataFrame) -> pd.DataFrame:
     """Per (workload, device, batch size): throughput trials aggregated over repeats and seeds.
 
@@ -49,8 +61,11 @@ def throughput_table(trials: pd.DataFrame) -> pd.DataFrame:
         Columns ``workload, device, batch_size, trials, ok, status`` (the worst non-ok status, if any),
         ``samples_per_s`` (median over ok trials), ``samples_per_s_p25``, ``samples_per_s_p75``,
         ``step_time_s`` (median), ``step_time_iqr_s`` (median within-trial IQR), ``peak_mem_bytes``
-        (max), ``speedup`` (samples/s relative to the smallest batch size with a measurement) and
-        ``scaling_efficiency`` (speedup divided by the batch-size ratio; 1 = perfect linear scaling).
+        (max), ``speedup`` (samples/s relative to the smallest batch size with a measurement),
+        ``scaling_efficiency`` (speedup divided by the batch-size ratio; 1 = perfect linear scaling),
+        ``drifted_trials`` (ok trials whose step time drifted within the trial, the engine's
+        ``step_time_drifted``; 0 where not recorded) and ``step_time_drift_rel`` (the largest drift, signed:
+        last blocks against first, relative; NaN where not recorded).
     """
     import pandas as pd
 
@@ -69,6 +84,8 @@ def throughput_table(trials: pd.DataFrame) -> pd.DataFrame:
         "peak_mem_bytes",
         "speedup",
         "scaling_efficiency",
+        "drifted_trials",
+        "step_time_drift_rel",
     ]
     tp = trials[trials["kind"] == "throughput"]
     rows = []
@@ -91,6 +108,7 @@ def throughput_table(trials: pd.DataFrame) -> pd.DataFrame:
                 "peak_mem_bytes": float(ok["peak_mem_bytes"].max())
                 if len(ok) and ok["peak_mem_bytes"].notna().any()
                 else math.nan,
+                **_drift(ok),
             }
         )
     table = pd.DataFrame(rows, columns=cols)

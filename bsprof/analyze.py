@@ -251,7 +251,7 @@ def tradeoff_table(convergence: pd.DataFrame, throughput: pd.DataFrame, trials: 
     keys = ["workload", "device", "batch_size"]
     tp = throughput
     tp_cols = [*keys, "samples_per_s", "samples_per_s_p25", "samples_per_s_p75", "step_time_s", "step_time_iqr_s",
-               "peak_mem_bytes", "trials", "ok", "status"]  # fmt: skip
+               "peak_mem_bytes", "trials", "ok", "status", "drifted_trials", "step_time_drift_rel"]  # fmt: skip
     if "energy_per_sample_j" in trials.columns:
         e = trials[(trials["kind"] == "throughput") & (trials["status"] == "ok")]
         energy = e.groupby(keys)["energy_per_sample_j"].median().rename("energy_per_sample_j").reset_index()

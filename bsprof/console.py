@@ -108,9 +108,11 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
         rows = []
         for r in table.itertuples():
             reached = "" if math.isnan(float(getattr(r, "reached_fraction", math.nan))) else f"{r.reached}/{r.seeds}"
+            drift = (f"step time drifted in {int(r.drifted_trials)}/{int(r.throughput_ok)} trials"
+                     if float(getattr(r, "drifted_trials", 0) or 0) > 0 else "")  # fmt: skip
             statuses = ", ".join(
                 x
-                for x in (str(r.throughput_status or ""), str(r.statuses or ""))
+                for x in (str(r.throughput_status or ""), str(r.statuses or ""), drift)
                 if x and x not in ("nan", "None", "ok")
             )
             metric = (f"{format_number(r.final_val_metric, '{:.3f}')} / {format_number(r.final_train_metric, '{:.3f}')}"

@@ -254,3 +254,15 @@ def test_gap_trend_is_spearman_rho_of_the_gap():
     g = gap_trend(convergence_table(pd.DataFrame(rows))).iloc[0]
     assert g["rho"] == pytest.approx(1.0) and g["trend"] == "grows"
     assert (g["min_gap_batch_size"], g["max_gap_batch_size"]) == (8, 64)
+
+
+def test_within_trial_drift_is_counted_per_batch_size():
+    rows = tp_rows({8: [800.0, 810.0], 16: [1600.0]})
+    rows[0] |= {"step_time_drifted": True, "step_time_drift_rel": 0.42}
+    rows[1] |= {"step_time_drifted": False, "step_time_drift_rel": -0.03}
+    rows[2] |= {"step_time_drifted": False, "step_time_drift_rel": 0.01}
+    t = throughput_table(pd.DataFrame(rows)).set_index("batch_size")
+    assert t.loc[8, "drifted_trials"] == 1 and t.loc[8, "step_time_drift_rel"] == pytest.approx(0.42)
+    assert t.loc[16, "drifted_trials"] == 0
+    old = throughput_table(pd.DataFrame(tp_rows({8: [800.0]})))  # stores written before the engine flagged drift
+    assert old.loc[0, "drifted_trials"] == 0 and math.isnan(old.loc[0, "step_time_drift_rel"])

@@ -351,3 +351,19 @@ def test_one_report_data_call_runs_each_analysis_function_once_per_run(tmp_path,
     assert {n: calls[n] for n in once} == dict.fromkeys(once, 1)
     assert calls["pareto_front"] in (1, 2)  # time vs samples, and time vs energy where measured
     assert calls["_bootstrap_median_ci"] == 4 * 3  # 4 batch sizes x (steps, samples, seconds), once each
+
+
+def test_a_drifting_throughput_trial_is_said_in_the_report(tmp_path):
+    from bsprof.engine.trial import TrialResult, TrialSpec
+    from bsprof.report.sections_compute import throughput_section
+    from bsprof.store import Store
+
+    path = tmp_path / "s.db"
+    with Store(path, create=True) as st:
+        run = st.open_run("w", {"engine": {"device": "cpu"}}, {"device_name": "cpu"})
+        for b, drift in ((8, 0.02), (16, 0.45)):
+            metrics = {"samples_per_s": 100.0 * b, "step_time_s": 0.01, "step_time_iqr_s": 0.001,
+                       "step_time_drift_rel": drift, "step_time_drifted": drift > 0.1}  # fmt: skip
+            st.add_trial(run.run_id, TrialResult(TrialSpec("w", "throughput", b, 0, 0.1), "ok", "cpu", "cpu", metrics))
+    text = " ".join(throughput_section(report_data(path), "").sentences)
+    assert "drifted within 1 trial(s) at B=16" in text and "+45%" in text

@@ -64,6 +64,15 @@ def throughput_section(d: ReportData, store_hint: str) -> Section:
                 f"throughput is "
                 f"{spread.max():.1f}x the p25 (a busy host?); more `--repeats` give steadier medians."
             )
+        drifted = g[g["drifted_trials"].astype(float).fillna(0) > 0] if "drifted_trials" in g else g[:0]
+        if len(drifted):
+            worst = drifted.loc[drifted["step_time_drift_rel"].astype(float).abs().idxmax()]
+            s.sentences.append(
+                f"{run_prefix(run, many)}The step time drifted within {int(drifted['drifted_trials'].sum())} "
+                f"trial(s) at B={join_sizes(drifted['batch_size'])} (last blocks against first: up to "
+                f"{float(worst['step_time_drift_rel']):+.0%} at B={int(worst['batch_size'])}): those medians mix two "
+                "states (a model drifting into slow numerics, throttling, or a busy host)."
+            )
     s.chart("throughput", lambda: charts.throughput_chart(d.throughput))
     return s
 
