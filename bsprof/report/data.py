@@ -1,5 +1,8 @@
 """The report's data: every frame a chart or a sentence of the report needs, read once from a store.
 
+(About 420 lines: the store readers the report alone needs — curves, operator rows, max-batch results, run
+labels — stay beside :func:`report_data`, which calls :func:`bsprof.analyze.analyze` for every derived table.)
+
 :func:`report_data` reads the chosen runs (by default the latest run per workload), runs the analysis per run
 and labels every row with its run, so that several runs (two devices, AMP on and off...) land side by side
 in the same charts. Frames stay in SI units; :mod:`bsprof.report.charts` scales them for display.
