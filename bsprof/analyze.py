@@ -18,6 +18,7 @@ import numpy as np
 
 from bsprof import analysis
 from bsprof.analysis import Fits, NoiseScaleFit
+from bsprof.noise_analysis import CriticalBatch, critical_batches, noise_scale_table, steps_prediction_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,6 +61,10 @@ class Analysis:
         gpu: :func:`gpu_table`.
         lr_tuning: :func:`lr_tuning_table`.
         gap_trend: :func:`gap_trend`.
+        critical_batches: Predicted (noise scale) beside fitted critical batch size per (workload, device)
+            (:func:`bsprof.noise_analysis.critical_batches`).
+        noise_scale: :func:`bsprof.noise_analysis.noise_scale_table`.
+        steps_prediction: :func:`bsprof.noise_analysis.steps_prediction_table`.
     """
 
     throughput: pd.DataFrame
@@ -69,14 +74,19 @@ class Analysis:
     gpu: pd.DataFrame
     lr_tuning: pd.DataFrame
     gap_trend: pd.DataFrame
+    critical_batches: tuple[CriticalBatch, ...] = ()
+    noise_scale: pd.DataFrame | None = None
+    steps_prediction: pd.DataFrame | None = None
 
 
-def analyze(trials: pd.DataFrame, lr_rule: str | None = None) -> Analysis:
+def analyze(trials: pd.DataFrame, lr_rule: str | None = None, noise_trials: pd.DataFrame | None = None) -> Analysis:
     """Derive every table of one run's trials, each analysis function running once.
 
     Args:
         trials: The export frame (:func:`bsprof.export.trials_frame`) of one run.
         lr_rule: The run's LR rule (a ``fixed`` rule adds a warning to the recommendations).
+        noise_trials: Trials whose noise-scale measurements make the prediction (a ``bsprof predict`` run of the
+            same workload); default: ``trials`` (a sweep run with ``--measure-gns``).
     """
     tp = analysis.throughput_table(trials)
     conv, fits = analysis.convergence_analysis(trials)
@@ -84,6 +94,8 @@ def analyze(trials: pd.DataFrame, lr_rule: str | None = None) -> Analysis:
     trade["pareto_time_samples"] = pareto_front(trade, "samples_to_target", "wallclock_to_target_s")
     if "energy_to_target_j" in trade.columns:
         trade["pareto_time_energy"] = pareto_front(trade, "energy_to_target_j", "wallclock_to_target_s")
+    gns_trials = trials if noise_trials is None else noise_trials
+    critical = critical_batches(gns_trials, fits, conv, tp)
     return Analysis(
         throughput=tp,
         convergence=conv,
@@ -92,6 +104,9 @@ def analyze(trials: pd.DataFrame, lr_rule: str | None = None) -> Analysis:
         gpu=gpu_table(trials),
         lr_tuning=lr_tuning_table(trials),
         gap_trend=gap_trend(conv),
+        critical_batches=tuple(critical),
+        noise_scale=noise_scale_table(gns_trials),
+        steps_prediction=steps_prediction_table(critical, conv, tp),
     )
 
 

@@ -17,6 +17,7 @@ from bsprof.commands import (
     cmd_compare,
     cmd_export,
     cmd_find_max_batch,
+    cmd_predict,
     cmd_profile,
     cmd_report,
     cmd_summary,
@@ -222,6 +223,12 @@ def build_parser() -> _Parser:
         help="try K LRs on a log2 grid around the rule's LR per batch size, keep the best, re-run it on fresh "
         "seeds (default: 0, no tuning)",
     )
+    cg.add_argument(
+        "--measure-gns",
+        action="store_true",
+        help="measure the gradient noise scale B_simple at evaluations (McCandlish et al. 2018; probe time is "
+        "kept out of the training time)",
+    )
 
     pf = sub.add_parser(
         "profile",
@@ -238,6 +245,36 @@ def build_parser() -> _Parser:
     pf.add_argument("--fresh", action="store_true", help="start a new run (a resumed, finished run profiles nothing)")
     _add_telemetry_options(pf, profile_flag=False)
 
+    pr = sub.add_parser(
+        "predict",
+        help="predict the critical batch size from the gradient noise scale in a short run",
+        description="A throughput pass over the batch sizes and one short convergence trial at a small batch size "
+        "measuring the gradient noise scale B_simple (McCandlish et al. 2018): the predicted critical batch size, "
+        "steps-to-target curve S(B) and the batch size predicted fastest on this hardware, in a fraction of a "
+        "sweep's time.",
+    )
+    _add_engine_options(pr)
+    pr.add_argument("--batch-sizes", "-b", default="8..1024", help="as for sweep (default: 8..1024)")
+    pr.add_argument(
+        "--at-batch-size", type=_positive(int), help="batch size of the short convergence trial (default: smallest)"
+    )
+    pr.add_argument(
+        "--budget-time",
+        type=_positive(float),
+        default=30.0,
+        help="training seconds of the short convergence trial; it stops earlier at the target (default: 30)",
+    )
+    pr.add_argument("--budget-steps", type=_positive(int), help="step budget of the short trial (default: none)")
+    pr.add_argument(
+        "--min-time", type=_positive(float), default=0.1, help="measured seconds per throughput trial (default: 0.1)"
+    )
+    pr.add_argument(
+        "--min-steps", type=_positive(int), default=10, help="measured steps per throughput trial (default: 10)"
+    )
+    pr.add_argument("--fresh", action="store_true", help="start a new run instead of resuming the stored one")
+    own = vars(pr.parse_args([]))
+    pr.set_defaults(**{k: v for k, v in vars(sw.parse_args([])).items() if k not in own})
+
     ex = sub.add_parser(
         "export",
         help="export trials as csv, json or parquet",
@@ -247,6 +284,9 @@ def build_parser() -> _Parser:
     ex.add_argument("--format", "-f", default="csv", choices=["csv", "json", "parquet"], help="(default: csv)")
     ex.add_argument("--run", action="append", help="only this run id (repeatable)")
     ex.add_argument("-o", "--output", help="file to write (default: standard output)")
+    ex.add_argument(
+        "--curves", action="store_true", help="one row per evaluation of the convergence trials (learning curves)"
+    )
 
     sm = sub.add_parser(
         "summary",
@@ -346,6 +386,7 @@ COMMANDS = {
     "export": cmd_export,
     "summary": cmd_summary,
     "find-max-batch": cmd_find_max_batch,
+    "predict": cmd_predict,
     "report": cmd_report,
     "compare": cmd_compare,
 }

@@ -20,6 +20,7 @@ __all__ = [
     "cmd_compare",
     "cmd_export",
     "cmd_find_max_batch",
+    "cmd_predict",
     "cmd_profile",
     "cmd_report",
     "cmd_summary",
@@ -78,6 +79,7 @@ def cmd_workloads(args: argparse.Namespace) -> int:
 
 def _convergence_settings(args: argparse.Namespace, workload: Any) -> Any:
     from bsprof.engine.convergence import ConvergenceSettings
+    from bsprof.engine.noise_scale import GnsSettings
 
     if args.warmup_steps < 0 or args.warmup_epochs < 0:
         raise BadInput("--warmup-steps and --warmup-epochs must be >= 0")
@@ -95,6 +97,7 @@ def _convergence_settings(args: argparse.Namespace, workload: Any) -> Any:
         continue_after_target=args.continue_after_target,
         warmup_steps=args.warmup_steps,
         warmup_epochs=args.warmup_epochs,
+        gns=GnsSettings() if getattr(args, "measure_gns", False) else None,
     )
 
 
@@ -143,6 +146,54 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``bsprof predict``: one throughput pass over the batch sizes and one short convergence trial at a small
+    batch size measuring the gradient noise scale; prints the predicted critical batch size and S(B)."""
+    from dataclasses import replace
+
+    from bsprof.cli import parse_batch_sizes
+    from bsprof.console import Progress, print_prediction
+    from bsprof.engine.noise_scale import GnsSettings
+    from bsprof.engine.sweep import SweepConfig, run_sweep
+    from bsprof.store import Store
+
+    workload, settings = _load(args)
+    sizes = parse_batch_sizes(args.batch_sizes)
+    at = args.at_batch_size or min(sizes)
+    conv = replace(
+        _convergence_settings(args, workload),
+        max_steps=args.budget_steps,
+        max_time_s=args.budget_time,
+        max_epochs=None,
+        gns=GnsSettings(probes=2, spacing=1.5),  # a sparser curve; the target's value still gets 16 probes
+    )
+    config = SweepConfig(
+        workload_ref=args.workload,
+        batch_sizes=tuple(sorted({*sizes, at})),
+        kinds=("throughput", "convergence"),
+        seeds=1,
+        lr_rule=args.lr_rule,
+        base_lr=args.base_lr,
+        convergence=conv,
+        convergence_batch_sizes=(at,),
+        mode="predict",
+    )
+    with Store(_store_path(args), create=True) as store, Progress() as progress:
+        try:
+            outcome = run_sweep(config, workload, settings, store, fresh=args.fresh, progress=progress.update)
+        except KeyboardInterrupt:
+            progress.close()
+            print("bsprof: interrupted; finished trials are stored, run the same command to resume", file=sys.stderr)
+            return 130
+        progress.close()
+        print_prediction(store, outcome.run.run_id)
+    errors = [r for r in outcome.results if r.status == "error"]
+    if errors:
+        print(f"bsprof: {len(errors)} trial(s) failed with an error (first: {errors[0].error})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _with_trace_dir(settings: Any, store: Any, config: Any, workload: Any, *, fresh: bool) -> Any:
     """Settings whose ``trace_dir`` is ``<store folder>/traces/<run>``; opens (or resumes) the run to learn its id.
 
@@ -184,14 +235,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bsprof.export import trials_frame, write_export
+    from bsprof.export import curves_frame, trials_frame, write_export
     from bsprof.store import Store
 
     with Store(_store_path(args)) as store:
         if args.run:
             for r in args.run:
                 store.run(r)  # raises BadInput for an unknown run
-        frame = trials_frame(store, args.run)
+        frame = (curves_frame if getattr(args, "curves", False) else trials_frame)(store, args.run)
     text = write_export(frame, args.format, args.output)
     if text is not None:
         sys.stdout.write(text)

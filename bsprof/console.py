@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from bsprof.engine.trial import TrialResult, TrialSpec
     from bsprof.store import Store
 
-__all__ = ["Progress", "print_comparison", "print_summary"]
+__all__ = ["Progress", "noise_scale_lines", "print_comparison", "print_prediction", "print_summary"]
 
 log = logging.getLogger("bsprof")
 
@@ -90,6 +90,7 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
 
     from bsprof.analyze import analyze
     from bsprof.export import trials_frame
+    from bsprof.noise_analysis import prediction_trials
 
     # On a terminal rich fits the table to its width; in a log file, one line per batch size.
     console = Console(width=width or (None if sys.stdout.isatty() else 220))
@@ -99,7 +100,8 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
         if trials.empty:
             console.print(f"run {run_id}: no trials stored")
             continue
-        a = analyze(trials, run.config.get("lr_rule"))  # every derived table, computed once
+        noise_trials = prediction_trials(store, run.workload, trials)
+        a = analyze(trials, run.config.get("lr_rule"), noise_trials)  # every derived table, computed once
         table = a.tradeoff
         heads = ["batch", "samples/s [p25–p75]", "step time ± IQR", "peak mem", "steps→target [95% CI]",
                  "samples→target", "wall-clock→target (est.)", "train time→target (measured)", "reached", "E(B)",
@@ -173,6 +175,87 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
                 console.print("recommended — " + "; ".join(parts))
             for w in rec.warnings:
                 console.print(f"[yellow]warning:[/yellow] {w}")
+        for cb in a.critical_batches:
+            for line in noise_scale_lines(cb):
+                console.print(line, highlight=False)
+
+
+def _interval(lo: Any, hi: Any) -> str:
+    return (
+        f" [{format_number(lo, '{:.3g}')}–{format_number(hi, '{:.3g}')}]"
+        if format_number(lo) and format_number(hi)
+        else ""
+    )
+
+
+def noise_scale_lines(cb: Any) -> list[str]:
+    """Console lines of one :class:`~bsprof.noise_analysis.CriticalBatch`: predicted beside measured B_crit."""
+    if cb.predicted is None:
+        return []
+    when = "at the target" if cb.at_target else "at the end of the budget (target not reached: early estimate)"
+    lines = [
+        f"noise scale (McCandlish et al. 2018): B_simple {when} = {cb.predicted:.3g}"
+        f"{_interval(cb.predicted_low, cb.predicted_high)} examples (90% interval, {cb.predicted_trials} "
+        f"trial(s)); predicted B_crit ≈ {cb.predicted:.3g}, confidence {cb.confidence}"
+    ]
+    if cb.measured is not None and cb.ratio is not None:
+        se = f" ± {cb.measured_se:.2g}" if cb.measured_se is not None and math.isfinite(cb.measured_se) else ""
+        flag = "" if cb.measured_constrained else " (fit not constrained)"
+        lines.append(
+            f"predicted vs measured B_crit: {cb.predicted:.3g} vs fitted {cb.measured:.3g}{se}{flag} — ratio "
+            f"{cb.ratio:.2f}{_interval(cb.ratio_low, cb.ratio_high)}"
+        )
+    if cb.fastest_batch_size is not None:
+        lines.append(f"predicted fastest wall-clock to target on this device: B={cb.fastest_batch_size}")
+    return lines
+
+
+def print_prediction(store: Store, run_id: str, *, width: int | None = None) -> None:
+    """Print a ``bsprof predict`` run: the noise scale over its short run, predicted B_crit and S(B), the batch
+    size predicted fastest here, beside the workload's latest measured sweep when there is one, and the caveats."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bsprof.analyze import analyze
+    from bsprof.export import trials_frame
+    from bsprof.noise_analysis import CAVEATS
+
+    console = Console(width=width or (None if sys.stdout.isatty() else 220))
+    run = store.run(run_id)
+    trials = trials_frame(store, [run_id])
+    a = analyze(trials, run.config.get("lr_rule"))
+    console.print(f"{run.workload} — noise-scale prediction, run {run_id} ({run.environment.get('device_name', '')})")
+    for t in trials[trials["kind"] == "convergence"].itertuples():
+        points = [r for r in store.curve(int(t.trial_id)) if "b_simple" in r]
+        text = ", ".join(f"{r['step']}: {format_number(r['b_simple'], '{:.3g}') or '—'}" for r in points)
+        console.print(f"B_simple over the short run at B={t.batch_size} (step: examples): {text}", highlight=False)
+    sweeps = [r for r in store.runs() if r.workload == run.workload and r.config.get("mode", "sweep") == "sweep"
+              and "convergence" in r.config.get("kinds", ())]  # fmt: skip
+    if sweeps:
+        sweep = max(sweeps, key=lambda r: r.created_at)
+        a = analyze(trials_frame(store, [sweep.run_id]), sweep.config.get("lr_rule"), trials)
+        console.print(f"measured: the convergence sweep run {sweep.run_id}")
+    for cb in a.critical_batches:
+        for line in noise_scale_lines(cb):
+            console.print(line, highlight=False)
+    steps = a.steps_prediction
+    if steps is not None and len(steps):
+        rel = bool(steps["relative"].any())
+        t = Table(title="predicted steps to target S(B) = S_min(1 + B_noise/B)" + (" (× S_min)" if rel else ""))
+        for h in ("batch", "S(B) [B_noise interval]", "measured S", "step time", "predicted time to target"):
+            t.add_column(h, justify="right")
+        for r in steps.itertuples():
+            t.add_row(
+                str(r.batch_size),
+                f"{format_number(r.predicted_steps, '{:,.3g}')}{_interval(r.predicted_low, r.predicted_high)}",
+                format_number(r.measured_steps, "{:,.0f}"),
+                format_number(r.step_time_s * 1e3, "{:.3f} ms"),
+                format_number(r.predicted_time_s, "{:.3g} s" if not rel else "{:.3g} s·S_min"),
+            )
+        console.print(t)
+    console.print("what this prediction cannot know:")
+    for c in CAVEATS:
+        console.print(f"- {c}", highlight=False)
 
 
 def _change_text(c: Any) -> str:

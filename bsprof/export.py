@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from bsprof.store import Store
 
-__all__ = ["COLUMNS", "EXTRA_COLUMNS", "FORMATS", "trials_frame", "write_export"]
+__all__ = ["COLUMNS", "CURVE_KEYS", "EXTRA_COLUMNS", "FORMATS", "curves_frame", "trials_frame", "write_export"]
 
 COLUMNS = (
     "run_id", "workload", "kind", "batch_size", "seed", "lr", "status", "device",
@@ -73,6 +73,38 @@ def trials_frame(store: Store | str | Path, run_ids: Iterable[str] | None = None
         frame[col] = frame[col].astype("Int64")
     frame["reached_target"] = frame["reached_target"].astype("boolean")
     return frame
+
+
+CURVE_KEYS = ("run_id", "trial_id", "workload", "batch_size", "seed", "lr", "phase")
+"""The trial identity on each learning-curve row of :func:`curves_frame`."""
+
+
+def curves_frame(store: Store | str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """The learning curves of a store's convergence trials: one row per evaluation (``bsprof export --curves``).
+
+    Columns: :data:`CURVE_KEYS`, then the curve's own fields (``step, samples, epochs, train_s, train_loss,
+    val_metric, ...``; with ``--measure-gns`` also ``b_simple, b_simple_low, b_simple_high, grad_sq, trace_cov,
+    b_simple_ema, gns_s`` where the noise scale was measured). Empty where not recorded.
+    """
+    import pandas as pd
+
+    from bsprof.store import Store
+
+    owned = not isinstance(store, Store)
+    st = Store(store) if owned else store
+    try:
+        records = []
+        for row in st.trial_rows(run_ids):
+            if row["kind"] != "convergence":
+                continue
+            ident = {k: row.get(k) for k in CURVE_KEYS}
+            records.extend({**ident, **point} for point in st.curve(int(row["trial_id"])))
+    finally:
+        if owned:
+            st.close()
+    rest = list(dict.fromkeys(k for r in records for k in r if k not in CURVE_KEYS))
+    frame = pd.DataFrame.from_records(records, columns=[*CURVE_KEYS, *rest])
+    return frame.replace({"inf": float("inf"), "-inf": float("-inf")})
 
 
 def write_export(frame: pd.DataFrame, fmt: str, out: str | Path | None) -> str | None:

@@ -46,9 +46,11 @@ __all__ = [
     "NoiseComponents",
     "NoiseScaleEMA",
     "NoiseScaleEstimate",
+    "StepsPrediction",
     "b_simple",
     "ema_noise_scale",
     "estimate_noise_scale",
+    "fastest_batch_size",
     "noise_components",
     "variance_factor",
 ]
@@ -249,3 +251,73 @@ def ema_noise_scale(samples: Sequence[GradientNormSample], *, decay: float = 0.9
     """The smoothed B_simple after each of ``samples`` in order (see :class:`NoiseScaleEMA`)."""
     ema = NoiseScaleEMA(decay)
     return [ema.update(s) for s in samples]
+
+
+@dataclass(frozen=True)
+class StepsPrediction:
+    """The steps-to-target model S(B) = S_min (1 + B_noise / B) with B_noise taken from a noise-scale estimate.
+
+    McCandlish et al. (2018) §2.2: B_simple approximates B_noise when the Hessian is well conditioned (a multiple
+    of the identity); the critical batch size B_crit = E_min/S_min equals B_noise in this model.
+
+    Attributes:
+        b_noise: B_noise (examples), from B_simple.
+        b_noise_low: Lower end of its interval (examples), ``None`` if unknown.
+        b_noise_high: Upper end (examples; may be ``math.inf``), ``None`` if unknown.
+        s_min: S_min (steps), ``None`` when no trial calibrated it: :meth:`steps` is then relative to S_min.
+    """
+
+    b_noise: float
+    b_noise_low: float | None = None
+    b_noise_high: float | None = None
+    s_min: float | None = None
+
+    @property
+    def b_crit(self) -> float:
+        """Predicted critical batch size (examples): B_noise."""
+        return self.b_noise
+
+    def steps(self, batch_size: float, b_noise: float | None = None) -> float:
+        """S(B) in steps, or in units of S_min when :attr:`s_min` is ``None`` (``b_noise`` overrides)."""
+        bn = self.b_noise if b_noise is None else b_noise
+        return (1.0 if self.s_min is None else self.s_min) * (1 + bn / batch_size)
+
+    @classmethod
+    def calibrated(
+        cls, estimate: NoiseScaleEstimate, *, steps: float | None = None, batch_size: int | None = None
+    ) -> StepsPrediction | None:
+        """The prediction from a noise-scale estimate, S_min calibrated by one trial's ``steps`` at ``batch_size``.
+
+        S_min = steps / (1 + B_noise / batch_size). Returns ``None`` when the estimate has no B_simple.
+        """
+        if estimate.b_simple is None:
+            return None
+        s_min = None
+        if steps is not None and batch_size is not None and math.isfinite(steps) and steps > 0:
+            s_min = steps / (1 + estimate.b_simple / batch_size)
+        return cls(estimate.b_simple, estimate.ci_low, estimate.ci_high, s_min)
+
+
+def fastest_batch_size(batch_sizes: Sequence[int], step_time_s: Sequence[float], b_noise: float) -> int:
+    """The batch size with the least predicted time to target, S(B)·step_time(B); S_min cancels out.
+
+    Args:
+        batch_sizes: Candidate batch sizes (examples).
+        step_time_s: Measured seconds per training step at each batch size (NaN: not measured, skipped).
+        b_noise: B_noise (examples); ``math.inf`` makes the smallest per-example time win.
+
+    Returns:
+        The fastest batch size.
+    """
+    if len(batch_sizes) != len(step_time_s) or not batch_sizes:
+        raise ValueError("need one step time per batch size, and at least one")
+    best: tuple[float, int] | None = None
+    for b, t in zip(batch_sizes, step_time_s):
+        if not (math.isfinite(t) and t > 0):
+            continue
+        rel = (t / b) if math.isinf(b_noise) else (1 + b_noise / b) * t
+        if best is None or rel < best[0]:
+            best = (rel, b)
+    if best is None:
+        raise ValueError("no batch size has a measured step time")
+    return best[1]

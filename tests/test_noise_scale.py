@@ -11,9 +11,11 @@ import pytest
 from bsprof.noise_scale import (
     GradientNormSample,
     NoiseScaleEMA,
+    StepsPrediction,
     b_simple,
     ema_noise_scale,
     estimate_noise_scale,
+    fastest_batch_size,
     noise_components,
     variance_factor,
 )
@@ -123,3 +125,29 @@ def test_ema_is_bias_corrected_and_smooths_components_separately():
     for _ in range(50):
         ema.update(a)
     assert ema.value == pytest.approx(10.0) and ema.updates == 50
+
+
+def test_steps_prediction_calibrates_s_min_from_one_trial():
+    est = estimate_noise_scale([expected_sample(1.0, 100.0, 4, 64)] * 3)  # B_simple 100, zero-width interval
+    pred = StepsPrediction.calibrated(est, steps=1100.0, batch_size=10)
+    assert pred.b_crit == pytest.approx(100.0) and pred.s_min == pytest.approx(100.0)  # 1100 / (1 + 100/10)
+    assert pred.steps(100) == pytest.approx(200.0) and pred.steps(1000) == pytest.approx(110.0)
+    assert pred.steps(100, b_noise=300.0) == pytest.approx(400.0)
+    relative = StepsPrediction.calibrated(est)
+    assert relative.s_min is None and relative.steps(100) == pytest.approx(2.0)  # in units of S_min
+    unresolved = estimate_noise_scale([GradientNormSample(1, 4, small_sq_norm=4.0, big_sq_norm=0.9)])
+    assert StepsPrediction.calibrated(unresolved) is None
+
+
+def test_fastest_batch_size_trades_steps_against_step_time():
+    sizes = [8, 16, 32, 64, 128]
+    times = [1.0, 1.0, 1.0, 2.0, 4.0]  # flat until 32, then linear: the device saturates at 32
+    # Relative time (1 + B_noise/B)·t: with B_noise = 64, 8 -> 9, 16 -> 5, 32 -> 3, 64 -> 4, 128 -> 6.
+    assert fastest_batch_size(sizes, times, 64.0) == 32
+    assert fastest_batch_size(sizes, times, 1e6) == 32  # huge noise scale: the best samples/s wins
+    assert fastest_batch_size(sizes, [1.0, 1.0, 1.0, 1.0, 1.0], 1e6) == 128
+    assert fastest_batch_size(sizes, [math.nan, math.nan, 5.0, math.nan, 6.0], 0.0) == 32
+    with pytest.raises(ValueError):
+        fastest_batch_size(sizes, [math.nan] * 5, 1.0)
+    with pytest.raises(ValueError):
+        fastest_batch_size(sizes, [1.0], 1.0)

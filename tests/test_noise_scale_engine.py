@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from bsprof.engine.noise_scale import GradientNoiseProbe, data_parallel_sample, squared_norm
+from bsprof.engine.noise_scale import (
+    GnsSettings,
+    GradientNoiseProbe,
+    NoiseScaleTracker,
+    data_parallel_sample,
+    squared_norm,
+)
 from bsprof.noise_scale import GradientNormSample, estimate_noise_scale, noise_components, variance_factor
 
 N, D = 4096, 8
@@ -163,3 +169,61 @@ def test_probe_rejects_bad_settings(regression):
                    {"batch_size": 16, "micro_batch_size": 5}, {"batch_size": 16, "method": "exact"}):  # fmt: skip
         with pytest.raises(ValueError):
             GradientNoiseProbe(model, mse, x, y, **kwargs)
+
+
+def test_tracker_measures_on_a_geometric_schedule_and_reports_curve_fields(regression):
+    x, y, _, w_opt, u = regression
+    ticks = iter(range(1000))
+    tracker = NoiseScaleTracker(
+        linear_model(w_opt + 1.0 * u), mse, x, y, trial_batch_size=8, seed=0,
+        settings=GnsSettings(probes=3, spacing=2.0), clock=lambda: float(next(ticks)),
+    )  # fmt: skip
+    assert tracker.probe.batch_size == 256 and tracker.probe.micro_batch_size == 32  # floor of 256, 8 micro
+    rows = {s: tracker.record(s) for s in range(1, 11)}
+    assert [s for s, r in rows.items() if r] == [1, 2, 4, 8]
+    assert tracker.record(10, force=True) and tracker.record(10, force=True) == {}  # once per step
+    r = rows[8]
+    assert {"b_simple", "b_simple_low", "b_simple_high", "grad_sq", "trace_cov", "b_simple_ema", "gns_s"} <= set(r)
+    assert r["b_simple_low"] <= r["b_simple"] <= r["b_simple_high"] and r["gns_s"] == 1.0
+    assert len(tracker.samples) == 4 * 3 + 16 and tracker.time_s == 5.0  # the forced, last one: 16 probes
+    assert {s.step for s in tracker.samples} == {1, 2, 4, 8, 10}
+    assert GnsSettings(batch_size=100).probe_batch_size(8) == 96  # a multiple of the micro-batch count
+    assert GnsSettings().probe_batch_size(1024) == 1024
+    with pytest.raises(ValueError):
+        GnsSettings(probes=0)
+
+
+def test_tracker_metrics_hold_the_last_measurement(regression):
+    x, y, _, w_opt, u = regression
+    tracker = NoiseScaleTracker(linear_model(w_opt + u), mse, x, y, trial_batch_size=64, seed=0,
+                                settings=GnsSettings(probes=2, min_batch_size=16))  # fmt: skip
+    metrics, reasons = tracker.metrics()
+    assert metrics["gns_b_simple"] is None and metrics["gns_measurements"] == 0 and "gns_b_simple" in reasons
+    tracker.record(1)
+    last = tracker.record(5)
+    metrics, reasons = tracker.metrics()
+    assert metrics["gns_b_simple"] == last["b_simple"] and metrics["gns_b_simple_high"] == last["b_simple_high"]
+    assert (metrics["gns_step"], metrics["gns_measurements"]) == (5, 2) and reasons == {}
+    assert (metrics["gns_probe_batch_size"], metrics["gns_micro_batch_size"]) == (64, 8)
+    assert metrics["gns_time_s"] == pytest.approx(tracker.time_s) and tracker.time_s > 0
+
+
+def test_convergence_trial_with_gns_records_the_curve_and_trains_identically():
+    from bsprof.engine.convergence import ConvergenceSettings, run_convergence_trial
+    from bsprof.engine.trial import EngineSettings, TrialSpec
+    from bsprof.workloads.digits import DigitsMLP
+
+    w, cpu = DigitsMLP(), EngineSettings(device=torch.device("cpu"))
+    spec = TrialSpec(w.name, "convergence", 256, 0, 0.3)
+    plain = run_convergence_trial(w, spec, cpu, ConvergenceSettings())
+    probed = run_convergence_trial(w, spec, cpu, ConvergenceSettings(gns=GnsSettings(probes=2)))
+    assert probed.status == plain.status == "ok"
+    for k in ("steps_to_target", "final_val_metric", "final_train_metric"):
+        assert probed.metrics[k] == plain.metrics[k]
+    measured = [r for r in probed.curve if "b_simple" in r]
+    assert measured[0]["step"] == 1 and measured[-1]["step"] == probed.metrics["steps_to_target"]  # and the target
+    m = probed.metrics
+    assert m["gns_step"] == m["steps_to_target"] and m["gns_measurements"] == len(measured)
+    assert m["gns_b_simple"] == measured[-1]["b_simple"] and m["gns_time_s"] > 0
+    assert "gns_b_simple" not in plain.metrics and "gns" not in ConvergenceSettings().config()
+    assert ConvergenceSettings(gns=GnsSettings()).config()["gns"]["probes"] == 4

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bsprof.engine.device import synchronizer
+from bsprof.engine.noise_scale import GnsSettings, NoiseScaleTracker
 from bsprof.engine.step import TrainingStep, flush_denormal
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, begin_trial, ended, run_guarded
 
@@ -60,6 +61,7 @@ class ConvergenceSettings:
         explode_factor: A loss above this multiple of the first step's loss counts as diverged.
         check_every: Check the loss at least every this many steps.
         probe_size: Training examples in the fixed batch used for the gradient norm.
+        gns: Measure the gradient noise scale at evaluations (``--measure-gns``), ``None``: off.
     """
 
     target: float | None = None
@@ -75,10 +77,15 @@ class ConvergenceSettings:
     explode_factor: float = 10.0
     check_every: int = 10
     probe_size: int = 512
+    gns: GnsSettings | None = None
 
     def config(self) -> dict[str, object]:
-        """The settings that change convergence measurements (part of a run's config hash)."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The settings that change convergence measurements (part of a run's config hash; ``gns`` only when on,
+        so runs stored before it existed keep their hash)."""
+        out: dict[str, object] = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "gns"}
+        if self.gns is not None:
+            out["gns"] = self.gns.config()
+        return out
 
     def warmup_for(self, batch_size: int, n_train: int) -> int:
         """Warm-up steps at ``batch_size`` (the larger of the step and epoch settings)."""
@@ -191,6 +198,10 @@ def _train(
     probe_n = min(conv.probe_size, len(step.train))
     probe = type(val)(step.train.inputs[:probe_n], step.train.targets[:probe_n])
     init = [p.detach().clone() for p in step.model.parameters()]
+    tracker = None
+    if conv.gns is not None:  # beside training: its own batches, no .grad, buffers or RNG touched
+        tracker = NoiseScaleTracker(step.model, workload.loss, step.train.inputs, step.train.targets,
+                                    trial_batch_size=spec.batch_size, seed=spec.seed, settings=conv.gns)  # fmt: skip
     n_train = len(step.train)
     warmup = conv.warmup_for(spec.batch_size, n_train)
     max_steps = conv.max_steps if conv.max_steps is not None else math.inf
@@ -287,6 +298,10 @@ def _train(
             prev_eval_step = s
             next_eval = schedule.next_after(s)
             eval_s += time.perf_counter() - e0
+            if tracker is not None:  # its seconds are its own (gns_time_s), in neither training nor evaluation
+                last = (reached is not None and not conv.continue_after_target) or out_of_budget or (
+                    conv.max_time_s is not None and train_s >= conv.max_time_s)  # fmt: skip
+                row.update(tracker.record(s, force=last))
         if reached is not None and not conv.continue_after_target:
             status = "ok"
             break
@@ -329,6 +344,10 @@ def _train(
             for k in ("steps_to_target", "samples_to_target", "epochs_to_target", "time_to_target_s")
         }
     )
+    if tracker is not None:
+        gns_metrics, gns_reasons = tracker.metrics()
+        metrics.update(gns_metrics)
+        reasons.update(gns_reasons)
     return ended(spec, status, device, started, metrics=metrics, reasons=reasons, error=error, curve=curve)
 
 

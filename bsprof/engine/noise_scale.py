@@ -29,15 +29,17 @@ measures the noise of micro-batch-normalised gradients.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch.func import functional_call, grad, vmap
 
-from bsprof.noise_scale import GradientNormSample
+from bsprof.noise_scale import GradientNormSample, NoiseScaleEMA, estimate_noise_scale
 
-__all__ = ["GradientNoiseProbe", "data_parallel_sample", "squared_norm"]
+__all__ = ["GnsSettings", "GradientNoiseProbe", "NoiseScaleTracker", "data_parallel_sample", "squared_norm"]
 
 Method = Literal["micro", "per_example"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -148,19 +150,22 @@ class GradientNoiseProbe:
 
     def _micro(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         params, buffers = self._state()
-        names = list(params)
-        total: list[torch.Tensor] | None = None
+        leaves = list(params.values())
+        total: torch.Tensor | None = None
         small_sq: list[torch.Tensor] = []
         b = self.micro_batch_size
         for start in range(0, self.batch_size, b):
             out = functional_call(self.model, (params, buffers), (x[start : start + b],))
-            grads = torch.autograd.grad(self.loss(out, y[start : start + b]), [params[n] for n in names])
-            small_sq.append(torch.stack([_sq(g).double() for g in grads]).sum())
-            total = [g.detach().clone() for g in grads] if total is None else [t + g for t, g in zip(total, grads)]
+            grads = torch.autograd.grad(self.loss(out, y[start : start + b]), leaves)
+            # One flat vector per micro-batch (float32 at least): its squared norm, and the running sum.
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if flat.dtype in (torch.float16, torch.bfloat16):
+                flat = flat.float()
+            small_sq.append(flat.dot(flat))
+            total = flat if total is None else total + flat
         assert total is not None
-        k = self.batch_size // b
-        big = squared_norm([t / k for t in total])
-        return float(torch.stack(small_sq).mean()), big
+        mean = total / (self.batch_size // b)
+        return float(torch.stack(small_sq).double().mean()), float(mean.dot(mean))
 
     def _per_example(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         params, buffers = self._state()
@@ -170,10 +175,10 @@ class GradientNoiseProbe:
             out = functional_call(self.model, (p, buffers), (xi.unsqueeze(0),))
             return self.loss(out, yi.unsqueeze(0))
 
-        per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))(detached, x, y)
-        flat = torch.cat([g.detach().reshape(self.batch_size, -1).double() for g in per_example.values()], dim=1)
-        small = float(flat.pow(2).sum(dim=1).mean())
-        big = float(flat.mean(dim=0).pow(2).sum())
+        per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))(detached, x, y).values()
+        # Per tensor, no concatenated copy: sum of the per-example squared norms, and |mean gradient|².
+        small = squared_norm(list(per_example)) / self.batch_size
+        big = squared_norm([g.mean(dim=0) for g in per_example])
         return small, big
 
     def measure(self, step: int | None = None) -> GradientNormSample:
@@ -191,3 +196,144 @@ class GradientNoiseProbe:
             small, big = self._per_example(x, y) if self.method == "per_example" else self._micro(x, y)
         self.measurements += 1
         return GradientNormSample(self.micro_batch_size, self.batch_size, small, big, None, step)
+
+
+@dataclass(frozen=True)
+class GnsSettings:
+    """How a convergence trial measures the gradient noise scale (``bsprof sweep --measure-gns``).
+
+    Attributes:
+        probes: Probe measurements per measured evaluation (their mean estimates, then the ratio).
+        final_probes: Probes at the last evaluation (the target's, whose value predicts B_crit), at least ``probes``.
+        batch_size: Examples per probe (B); ``None``: the trial's batch size, at least ``min_batch_size``.
+        min_batch_size: Floor of the default probe batch (a small B resolves |G|² poorly once B_simple >> B).
+        micro_batches: B/b, micro-batches per probe.
+        spacing: Measure at an evaluation once the step count grew by this factor since the last measurement
+            (evaluations are dense early; the noise scale changes on a log-step scale), and at the last one.
+        ema_decay: Decay of the moving averages (per probe) kept beside the per-evaluation estimates.
+        method: ``micro`` or ``per_example`` (see :class:`GradientNoiseProbe`).
+    """
+
+    probes: int = 4
+    final_probes: int = 16
+    batch_size: int | None = None
+    min_batch_size: int = 256
+    micro_batches: int = 8
+    spacing: float = 1.25
+    ema_decay: float = 0.9
+    method: Method = "micro"
+
+    def __post_init__(self) -> None:
+        if self.probes < 1 or self.micro_batches < 2 or self.spacing < 1:
+            raise ValueError(f"need probes >= 1, micro_batches >= 2 and spacing >= 1: {self}")
+
+    def probe_batch_size(self, trial_batch_size: int) -> int:
+        """B of the probes for a trial at ``trial_batch_size``: a multiple of :attr:`micro_batches`."""
+        b = self.batch_size or max(trial_batch_size, self.min_batch_size)
+        return max(self.micro_batches, b - b % self.micro_batches)
+
+    def config(self) -> dict[str, object]:
+        """The settings that change noise-scale measurements (part of a run's config hash)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class NoiseScaleTracker:
+    """The noise scale over one training run, measured at (some of) its evaluations.
+
+    At each measured evaluation it takes :attr:`GnsSettings.probes` probes (:attr:`GnsSettings.final_probes` at
+    the last one) and returns learning-curve fields:
+    ``b_simple`` (examples; the ratio of the probes' mean |G|² and tr(Σ) estimates), ``b_simple_low`` and
+    ``b_simple_high`` (a bootstrap interval over the probes), ``grad_sq`` and ``trace_cov`` (the mean
+    estimates), ``b_simple_ema`` (the paper's moving averages over all probes so far; it lags where |G|² falls
+    fast, because the averaged |G|² is dominated by earlier, larger values) and ``gns_s`` (seconds spent).
+
+    Args:
+        model: The trained model (not a compiled wrapper).
+        loss: The workload's mean-reduced loss.
+        inputs: Training inputs on the model's device.
+        targets: Training targets.
+        trial_batch_size: The trial's batch size (sets the default probe batch).
+        seed: Seed of the probes' batches (the training stream is untouched).
+        settings: Probe count, sizes and spacing.
+        clock: Seconds clock (injectable); the caller synchronises the device around :meth:`record`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossFn,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        trial_batch_size: int,
+        seed: int,
+        settings: GnsSettings,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        big = settings.probe_batch_size(trial_batch_size)
+        self.settings = settings
+        self.probe = GradientNoiseProbe(
+            model, loss, inputs, targets, batch_size=big, micro_batch_size=big // settings.micro_batches,
+            seed=seed, method=settings.method,
+        )  # fmt: skip
+        self._ema = NoiseScaleEMA(settings.ema_decay)
+        self._clock = clock
+        self._last_step: int | None = None
+        self._last_row: dict[str, Any] = {}
+        self.measurements = 0
+        self.samples: list[GradientNormSample] = []
+        self.time_s = 0.0
+
+    def due(self, step: int) -> bool:
+        """Whether the evaluation at ``step`` should be measured (first, then geometric spacing)."""
+        last = self._last_step
+        return last is None or (step > last and step >= last * self.settings.spacing)
+
+    def record(self, step: int, *, force: bool = False) -> dict[str, Any]:
+        """Measure at ``step`` if due (or ``force``); the learning-curve fields, empty when not measured."""
+        if not (force or self.due(step)) or step == self._last_step:
+            return {}
+        start = self._clock()
+        n = max(self.settings.probes, self.settings.final_probes) if force else self.settings.probes
+        window = [self.probe.measure(step=step) for _ in range(n)]
+        for sample in window:
+            self._ema.update(sample)
+        self.samples.extend(window)
+        self._last_step = step
+        est = estimate_noise_scale(window, seed=step)
+        spent = self._clock() - start
+        self.time_s += spent
+        self.measurements += 1
+        self._last_row = {
+            "b_simple": est.b_simple,
+            "b_simple_low": est.ci_low,
+            "b_simple_high": est.ci_high,
+            "grad_sq": est.grad_sq,
+            "trace_cov": est.trace_cov,
+            "b_simple_ema": self._ema.value,
+            "gns_s": spent,
+        }
+        return dict(self._last_row)
+
+    def metrics(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Trial metrics: the last measurement's B_simple, interval and mean |G|² and tr(Σ) estimates (the target's
+        evaluation when the trial reached it), the probe sizes and the seconds spent; and the reasons of the empty
+        ones."""
+        last = self._last_row
+        metrics: dict[str, Any] = {
+            "gns_b_simple": last.get("b_simple"),
+            "gns_b_simple_low": last.get("b_simple_low"),
+            "gns_b_simple_high": last.get("b_simple_high"),
+            "gns_grad_sq": last.get("grad_sq"),
+            "gns_trace_cov": last.get("trace_cov"),
+            "gns_step": self._last_step,
+            "gns_measurements": self.measurements,
+            "gns_probe_batch_size": self.probe.batch_size,
+            "gns_micro_batch_size": self.probe.micro_batch_size,
+            "gns_time_s": self.time_s,
+        }
+        reasons = {}
+        if metrics["gns_b_simple"] is None:
+            why = "no measurement" if not last else "|G|² not resolved (estimate <= 0) at the last measurement"
+            reasons = {k: why for k in ("gns_b_simple", "gns_b_simple_low", "gns_b_simple_high")}
+        return metrics, reasons

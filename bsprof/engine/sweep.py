@@ -55,6 +55,9 @@ class SweepConfig:
         tune_lr: Learning rates tried per batch size (0: no tuning, use the rule's LR).
         skip_larger_after_oom: Record batch sizes at and above an OOM as ``oom`` without trying them.
         convergence: Budgets, schedule and target of convergence trials.
+        convergence_batch_sizes: Batch sizes of the convergence trials, ``None``: all of ``batch_sizes``.
+        mode: ``sweep``, or ``predict`` for a ``bsprof predict`` run (a throughput pass and one short
+            convergence trial measuring the noise scale); part of the run's identity.
     """
 
     workload_ref: str
@@ -67,6 +70,13 @@ class SweepConfig:
     tune_lr: int = 0
     skip_larger_after_oom: bool = True
     convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
+    convergence_batch_sizes: tuple[int, ...] | None = None
+    mode: str = "sweep"
+
+    @property
+    def convergence_sizes(self) -> tuple[int, ...]:
+        """The batch sizes of the convergence trials."""
+        return self.convergence_batch_sizes or self.batch_sizes
 
     def hashed(self, workload: Workload, settings: EngineSettings) -> dict[str, Any]:
         """The part of the configuration that identifies a run (batch sizes, seeds and repeats are left
@@ -80,7 +90,9 @@ class SweepConfig:
             "tune_lr": self.tune_lr,
             "convergence": self.convergence.config() if "convergence" in self.kinds else None,
             "engine": settings.config(),
-        }
+        } | (
+            {"mode": self.mode, "convergence_batch_sizes": list(self.convergence_sizes)} if self.mode != "sweep" else {}
+        )
 
 
 @dataclass
@@ -105,7 +117,10 @@ def plan_trials(config: SweepConfig, workload: Workload, phase: str = "main") ->
     (convergence at every grid LR). The ``final`` phase needs the tuning results: see :func:`run_sweep`.
     """
     specs = []
-    rule_lr = {b: scaled_lr(workload, b, config.lr_rule, base_lr=config.base_lr) for b in config.batch_sizes}
+    rule_lr = {
+        b: scaled_lr(workload, b, config.lr_rule, base_lr=config.base_lr)
+        for b in {*config.batch_sizes, *config.convergence_sizes}
+    }
     if phase == "main":
         if "throughput" in config.kinds:
             for repeat in range(config.repeats):
@@ -113,11 +128,11 @@ def plan_trials(config: SweepConfig, workload: Workload, phase: str = "main") ->
                     for b in config.batch_sizes:
                         specs.append(TrialSpec(workload.name, "throughput", b, seed, rule_lr[b], repeat))
         if "convergence" in config.kinds and config.tune_lr <= 0:
-            for b in config.batch_sizes:
+            for b in config.convergence_sizes:
                 for seed in range(config.seeds):
                     specs.append(TrialSpec(workload.name, "convergence", b, seed, rule_lr[b], 0, "main"))
     elif phase == "tune" and "convergence" in config.kinds and config.tune_lr > 0:
-        for b in config.batch_sizes:
+        for b in config.convergence_sizes:
             for lr in lr_grid(rule_lr[b], config.tune_lr):
                 for seed in range(config.seeds):
                     specs.append(TrialSpec(workload.name, "convergence", b, seed, lr, 0, "tune"))
@@ -200,7 +215,9 @@ def _run_sweep(
     outcome = SweepOutcome(run)
     state = _State(store, run.run_id, config.skip_larger_after_oom)
     phases = plan_trials(config, workload, "main") + plan_trials(config, workload, "tune")
-    n_final = len(config.batch_sizes) * config.seeds if config.tune_lr > 0 and "convergence" in config.kinds else 0
+    n_final = (
+        len(config.convergence_sizes) * config.seeds if config.tune_lr > 0 and "convergence" in config.kinds else 0
+    )
     total = len(phases) + n_final
     done = 0
     if prime and any(spec.key() not in state.done_keys for spec in phases):
@@ -209,7 +226,7 @@ def _run_sweep(
         done = _run_one(spec, workload, settings, run_fns, state, outcome, progress, done, total)
     if n_final:
         rows = store.trial_rows([run.run_id])
-        for b in config.batch_sizes:
+        for b in config.convergence_sizes:
             lr = choose_lr(rows, b)
             if lr is None:
                 log.warning("batch size %d: no tuning LR reached the target; no final trials", b)

@@ -89,6 +89,11 @@ class ReportData:
         max_batch: ``find-max-batch`` results for the runs' workloads, latest per (workload, device).
         benchmarks: pytest-benchmark rows (see :func:`load_benchmark_json`), or ``None``.
         targets: Target metric per run label (from the trials), where known.
+        critical: Predicted (noise scale) beside fitted B_crit per run and device
+            (:func:`bsprof.noise_analysis.critical_table`, plus ``run``).
+        steps_prediction: Predicted vs measured S(B) (:func:`bsprof.noise_analysis.steps_prediction_table`).
+        noise_curves: Noise-scale measurements of the runs' convergence trials: ``run, trial_id, batch_size,
+            seed, step, epochs, b_simple, b_simple_low, b_simple_high``.
     """
 
     runs: list[RunInfo]
@@ -108,6 +113,9 @@ class ReportData:
     gap_trend: pd.DataFrame
     benchmarks: pd.DataFrame | None = None
     targets: dict[str, float] = field(default_factory=dict)
+    critical: pd.DataFrame | None = None
+    steps_prediction: pd.DataFrame | None = None
+    noise_curves: pd.DataFrame | None = None
 
 
 def _labels(runs: Sequence[Any]) -> list[str]:
@@ -151,6 +159,26 @@ def _thin(n: int, keep: int) -> list[int]:
         return list(range(n))
     idx = np.unique(np.round(np.geomspace(1, n, keep)).astype(int) - 1)
     return sorted({0, n - 1, *idx.tolist()})
+
+
+_NOISE_COLS = ["step", "epochs", "b_simple", "b_simple_low", "b_simple_high"]
+
+
+def _noise_curves(store: Store, trials: pd.DataFrame) -> pd.DataFrame:
+    """Every noise-scale measurement (learning-curve rows with ``b_simple``) of the convergence trials."""
+    import pandas as pd
+
+    rows = []
+    if "gns_measurements" in trials.columns:
+        measured = trials[(trials["kind"] == "convergence") & pd.to_numeric(trials["gns_measurements"]).gt(0)]
+        for t in measured[["run", "trial_id", "batch_size", "seed"]].to_dict("records"):
+            for r in store.curve(int(t["trial_id"])):
+                if "b_simple" in r:
+                    rows.append({**t, **{c: r.get(c) for c in _NOISE_COLS}})
+    frame = pd.DataFrame(rows, columns=["run", "trial_id", "batch_size", "seed", *_NOISE_COLS])
+    for c in _NOISE_COLS:
+        frame[c] = pd.to_numeric(frame[c].replace({"inf": math.inf}), errors="coerce")
+    return frame
 
 
 def _curves(store: Store, conv: pd.DataFrame) -> pd.DataFrame:
@@ -254,6 +282,7 @@ def report_data(
     from bsprof.analysis import reported_convergence
     from bsprof.analyze import GPU_COLUMNS, analyze, final_state_table
     from bsprof.export import trials_frame
+    from bsprof.noise_analysis import critical_table, prediction_trials
     from bsprof.store import Store
 
     benchmarks = load_benchmark_json(benchmark_json) if benchmark_json else None
@@ -287,12 +316,16 @@ def report_data(
         for col in ("epochs_to_target", "target"):  # stored by convergence trials; absent in throughput-only runs
             if col not in trials.columns:
                 trials[col] = math.nan
-        tp, conv, trade, fits, recs, gpu, lr, gaps = [], [], [], [], [], [], [], []
+        tp, conv, trade, fits, recs, gpu, lr, gaps, crit, steps_pred = [], [], [], [], [], [], [], [], [], []
         for run in runs:
             t = trials[trials["run_id"] == run.run_id]
             if t.empty:
                 continue
-            a = analyze(t, run.lr_rule)  # every derived table of the run, each computed once
+            # every derived table of the run, each computed once
+            a = analyze(t, run.lr_rule, prediction_trials(st, run.workload, t))
+            crit.append(critical_table(a.critical_batches).assign(run=run.label))
+            if a.steps_prediction is not None:
+                steps_pred.append(a.steps_prediction.assign(run=run.label))
             tp.append(a.throughput.assign(run=run.label))
             conv.append(a.convergence.assign(run=run.label))
             trade.append(a.tradeoff.assign(run=run.label))
@@ -306,6 +339,7 @@ def report_data(
         conv_frame = _concat(conv)
         reported = reported_convergence(trials)
         curves = _curves(st, reported)
+        noise_curves = _noise_curves(st, trials)
         top_ops, roots = _top_ops(rows, label_of)
         max_batch = _max_batch(st.max_batch_results(), {(r.workload, r.device) for r in runs})
     finally:
@@ -349,6 +383,9 @@ def report_data(
         max_batch=max_batch,
         benchmarks=benchmarks,
         targets=targets,
+        critical=_concat(crit),
+        steps_prediction=_concat(steps_pred),
+        noise_curves=noise_curves,
     )
 
 

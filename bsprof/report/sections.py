@@ -32,6 +32,7 @@ from bsprof.report.sections_compute import (
     ops_section,
     throughput_section,
 )
+from bsprof.report.sections_noise import noise_section
 from bsprof.report.text import STATUS_ORDER, Section, Table, run_prefix
 
 __all__ = ["Section", "Table", "build_sections"]
@@ -256,6 +257,7 @@ def build_sections(d: ReportData, store_hint: str = "") -> list[Section]:
         memory_section(d, store_hint),
         gpu_section(d),
         steps_section(d, store_hint),
+        noise_section(d, store_hint),
         to_target_section(d, store_hint),
         curves_section(d, store_hint),
         generalization_section(d, store_hint),
