@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bsprof.engine.convergence import ConvergenceSettings, run_convergence_trial
 from bsprof.engine.lr import scaled_lr
@@ -32,7 +32,18 @@ if TYPE_CHECKING:
     from bsprof.store import RunRecord, Store
     from bsprof.workload import Workload
 
-__all__ = ["FINAL_SEED_OFFSET", "SweepConfig", "SweepOutcome", "lr_grid", "plan_trials", "prime_process", "run_sweep"]
+__all__ = [
+    "FINAL_SEED_OFFSET",
+    "Executor",
+    "LocalExecutor",
+    "SweepConfig",
+    "SweepOutcome",
+    "lr_grid",
+    "plan_trials",
+    "prime_process",
+    "run_sweep",
+    "trial_runners",
+]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +170,41 @@ Runner = Callable[["Workload", TrialSpec, EngineSettings], TrialResult]
 ProgressFn = Callable[[TrialSpec, "TrialResult | None", int, int], None]
 
 
+class Executor(Protocol):
+    """Where a sweep's trials run. The sweep hands it the trials to run, lazily, and stores each result the
+    executor yields (in any order): the driver alone writes the store, whoever ran the trial.
+
+    Executors: :class:`LocalExecutor` (the default: in this process, one after another),
+    :class:`bsprof.engine.distributed.DataParallelDriver` (each trial across the ranks of a ``torchrun``
+    job), :class:`bsprof.engine.ray_executor.RayExecutor` (trials as Ray tasks).
+    """
+
+    def run(
+        self, specs: Iterable[TrialSpec], workload: Workload, settings: EngineSettings, runners: dict[str, Runner]
+    ) -> Iterator[TrialResult]:
+        """Run every trial of ``specs`` with ``runners[spec.kind]``; yield each result as it ends."""
+        ...
+
+
+class LocalExecutor:
+    """Each trial in this process, one after another; the next trial is drawn only after the last one is
+    stored (so an OOM is known before the larger batch sizes are tried)."""
+
+    def run(
+        self, specs: Iterable[TrialSpec], workload: Workload, settings: EngineSettings, runners: dict[str, Runner]
+    ) -> Iterator[TrialResult]:
+        for spec in specs:
+            yield runners[spec.kind](workload, spec, settings)
+
+
+def trial_runners(config: SweepConfig) -> dict[str, Runner]:
+    """The trial runner of each kind for ``config``."""
+    return {
+        "throughput": run_throughput_trial,
+        "convergence": lambda w, s, e: run_convergence_trial(w, s, e, config.convergence),
+    }
+
+
 def run_sweep(
     config: SweepConfig,
     workload: Workload,
@@ -169,6 +215,7 @@ def run_sweep(
     progress: ProgressFn | None = None,
     runners: dict[str, Runner] | None = None,
     prime: bool = True,
+    executor: Executor | None = None,
 ) -> SweepOutcome:
     """Run the sweep's unfinished trials, storing each when it ends.
 
@@ -182,16 +229,18 @@ def run_sweep(
         runners: Trial runner per kind (tests inject fakes).
         prime: Run a few untimed, unstored steps first, so that one-time process costs (lazy library
             initialisation, first allocations, data loading) do not land on the first trial's time and memory.
+        executor: Where the trials run (default: :class:`LocalExecutor`, in this process).
 
     Returns:
         The run, the trials run now, and the LR chosen per batch size when tuning.
     """
-    if settings.sampler_process is not None:
-        return _run_sweep(config, workload, settings, store, fresh, progress, runners, prime)
+    chosen = executor if executor is not None else LocalExecutor()
+    if settings.sampler_process is not None or not isinstance(chosen, LocalExecutor):
+        return _run_sweep(config, workload, settings, store, fresh, progress, runners, prime, chosen)
     # One telemetry sampler process for the whole sweep: its start is paid once, not per trial.
     with SamplerProcess() as sampler:
         settings = replace(settings, sampler_process=sampler)
-        return _run_sweep(config, workload, settings, store, fresh, progress, runners, prime)
+        return _run_sweep(config, workload, settings, store, fresh, progress, runners, prime, chosen)
 
 
 def _run_sweep(
@@ -203,39 +252,37 @@ def _run_sweep(
     progress: ProgressFn | None,
     runners: dict[str, Runner] | None,
     prime: bool,
+    executor: Executor,
 ) -> SweepOutcome:
-    run_fns: dict[str, Runner] = {
-        "throughput": run_throughput_trial,
-        "convergence": lambda w, s, e: run_convergence_trial(w, s, e, config.convergence),
-    }
+    run_fns = trial_runners(config)
     run_fns.update(runners or {})
     run = store.open_run(
         workload.name, config.hashed(workload, settings), collect_environment(settings.device), fresh=fresh
     )
     outcome = SweepOutcome(run)
-    state = _State(store, run.run_id, config.skip_larger_after_oom)
     phases = plan_trials(config, workload, "main") + plan_trials(config, workload, "tune")
     n_final = (
         len(config.convergence_sizes) * config.seeds if config.tune_lr > 0 and "convergence" in config.kinds else 0
     )
-    total = len(phases) + n_final
-    done = 0
+    state = _State(store, run.run_id, config.skip_larger_after_oom, outcome, progress, len(phases) + n_final)
     if prime and any(spec.key() not in state.done_keys for spec in phases):
         prime_process(workload, settings, min(config.batch_sizes))
-    for spec in phases:
-        done = _run_one(spec, workload, settings, run_fns, state, outcome, progress, done, total)
+    for result in executor.run(state.admit(phases, settings), workload, settings, run_fns):
+        state.record(result)
     if n_final:
         rows = store.trial_rows([run.run_id])
+        finals = []
         for b in config.convergence_sizes:
             lr = choose_lr(rows, b)
             if lr is None:
                 log.warning("batch size %d: no tuning LR reached the target; no final trials", b)
-                done += config.seeds
+                state.done += config.seeds
                 continue
             outcome.chosen_lr[b] = lr
             for seed in range(config.seeds):
-                spec = TrialSpec(workload.name, "convergence", b, FINAL_SEED_OFFSET + seed, lr, 0, "final")
-                done = _run_one(spec, workload, settings, run_fns, state, outcome, progress, done, total)
+                finals.append(TrialSpec(workload.name, "convergence", b, FINAL_SEED_OFFSET + seed, lr, 0, "final"))
+        for result in executor.run(state.admit(finals, settings), workload, settings, run_fns):
+            state.record(result)
     return outcome
 
 
@@ -254,9 +301,15 @@ def prime_process(workload: Workload, settings: EngineSettings, batch_size: int)
 
 @dataclass
 class _State:
+    """The sweep's book-keeping: what is stored, the OOM floor, the progress count."""
+
     store: Store
     run_id: str
     skip_larger: bool
+    outcome: SweepOutcome
+    progress: ProgressFn | None
+    total: int
+    done: int = 0
     done_keys: set[tuple[str, int, int, float, int]] = field(init=False)
     oom_floor: int | None = field(init=False, default=None)
 
@@ -266,33 +319,31 @@ class _State:
             sizes = [r["batch_size"] for r in self.store.trial_rows([self.run_id]) if r["status"] == "oom"]
             self.oom_floor = min(sizes) if sizes else None
 
+    def admit(self, specs: list[TrialSpec], settings: EngineSettings) -> Iterator[TrialSpec]:
+        """The trials of ``specs`` that must run, drawn lazily: stored ones are skipped, and those at or above
+        the OOM floor (as known when drawn) are recorded ``oom`` without running."""
+        for spec in specs:
+            if spec.key() in self.done_keys:
+                self.outcome.skipped += 1
+                self.done += 1
+                continue
+            if self.oom_floor is not None and spec.batch_size >= self.oom_floor:
+                error = f"not tried: batch size {self.oom_floor} already ran out of memory (use --no-skip-larger)"
+                extra = TrialExtra(skipped_after_oom=True)
+                self.record(ended(spec, "oom", settings.device, time.time(), error=error, extra=extra))
+                continue
+            if self.progress:
+                self.progress(spec, None, self.done, self.total)
+            yield spec
 
-def _run_one(
-    spec: TrialSpec,
-    workload: Workload,
-    settings: EngineSettings,
-    runners: dict[str, Runner],
-    state: _State,
-    outcome: SweepOutcome,
-    progress: ProgressFn | None,
-    done: int,
-    total: int,
-) -> int:
-    if spec.key() in state.done_keys:
-        outcome.skipped += 1
-        return done + 1
-    if progress:
-        progress(spec, None, done, total)
-    if state.oom_floor is not None and spec.batch_size >= state.oom_floor:
-        error = f"not tried: batch size {state.oom_floor} already ran out of memory (use --no-skip-larger)"
-        result = ended(spec, "oom", settings.device, time.time(), error=error, extra=TrialExtra(skipped_after_oom=True))
-    else:
-        result = runners[spec.kind](workload, spec, settings)
-    if result.status == "oom" and state.skip_larger:
-        state.oom_floor = spec.batch_size if state.oom_floor is None else min(state.oom_floor, spec.batch_size)
-    state.store.add_trial(state.run_id, result)
-    state.done_keys.add(spec.key())
-    outcome.results.append(result)
-    if progress:
-        progress(spec, result, done + 1, total)
-    return done + 1
+    def record(self, result: TrialResult) -> None:
+        """Store one ended trial and count it."""
+        spec = result.spec
+        if result.status == "oom" and self.skip_larger:
+            self.oom_floor = spec.batch_size if self.oom_floor is None else min(self.oom_floor, spec.batch_size)
+        self.store.add_trial(self.run_id, result)
+        self.done_keys.add(spec.key())
+        self.outcome.results.append(result)
+        self.done += 1
+        if self.progress:
+            self.progress(spec, result, self.done, self.total)
