@@ -230,6 +230,22 @@ def build_parser() -> _Parser:
         "kept out of the training time)",
     )
 
+    so = sw.add_argument_group("scale out (see README: Scale out)")
+    so.add_argument(
+        "--nproc-per-node",
+        type=_positive(int),
+        metavar="N",
+        help="data-parallel trials: run in N processes (torch's elastic launcher, as torchrun), model under DDP; "
+        "batch sizes are global (N x per-rank)",
+    )
+    so.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="where trials run: local (in this process, default) or ray (Ray tasks; pip install 'bsprof[ray]')",
+    )
+    so.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local Ray instance)")
+
     pf = sub.add_parser(
         "profile",
         help="throughput sweep with a torch.profiler pass per batch size",
@@ -395,6 +411,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bsprof`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # a data-parallel sweep relaunches it
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +122,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         skip_larger_after_oom=args.skip_larger,
         convergence=_convergence_settings(args, workload),
     )
+    executor, settings, follower_done = _executor(args, config, workload, settings)
+    if follower_done is not None:  # a data-parallel rank other than 0 (or the launcher): no store, no output
+        return follower_done
     with Store(_store_path(args), create=True) as store, Progress() as progress:
         fresh = args.fresh
         if settings.profile:
             settings = _with_trace_dir(settings, store, config, workload, fresh=fresh)
             fresh = False  # the run was just opened (fresh if asked); run_sweep resumes it
         try:
-            outcome = run_sweep(config, workload, settings, store, fresh=fresh, progress=progress.update)
+            outcome = run_sweep(
+                config, workload, settings, store, fresh=fresh, progress=progress.update, executor=executor
+            )
         except KeyboardInterrupt:
             progress.close()
             print("bsprof: interrupted; finished trials are stored, run the same command to resume", file=sys.stderr)
             return 130
+        finally:
+            if executor is not None:
+                executor.close()
         progress.close()
         log.info("run %s: %d trials run, %d already stored", outcome.run.run_id, len(outcome.results), outcome.skipped)
         print_summary(store, [outcome.run.run_id])
@@ -192,6 +201,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"bsprof: {len(errors)} trial(s) failed with an error (first: {errors[0].error})", file=sys.stderr)
         return 1
     return 0
+
+
+def _executor(args: argparse.Namespace, config: Any, workload: Any, settings: Any) -> tuple[Any, Any, int | None]:
+    """(executor or ``None`` for the local default, settings, exit code when this process is done already).
+
+    ``--nproc-per-node N`` relaunches this command in N processes and returns their exit code. Under
+    ``torchrun`` (``WORLD_SIZE`` and ``RANK`` set), rank 0 drives the sweep and the other ranks follow it.
+    Nothing is imported for the local default.
+    """
+    under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    if args.nproc_per_node is not None or under_torchrun:
+        world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.nproc_per_node
+        if args.executor != "local":
+            raise BadInput("--executor ray does not combine with data-parallel trials (--nproc-per-node, torchrun)")
+        if settings.profile:
+            raise BadInput("--profile is not supported with data-parallel trials")
+        uneven = [b for b in config.batch_sizes if b % world_size]
+        if uneven:
+            raise BadInput(f"batch sizes {uneven} are not multiples of the world size {world_size} (global batches)")
+        from bsprof.engine import distributed
+        from bsprof.engine.sweep import trial_runners
+
+        if not under_torchrun:
+            return None, settings, distributed.launch(args.nproc_per_node, args.argv)
+        world = distributed.context_from_env()
+        settings = replace(settings, device=world.device(settings.device), data_parallel=world)
+        world.start(settings.device)
+        if world.rank != 0:
+            distributed.follow(world, workload, settings, trial_runners(config))
+            return None, settings, 0
+        return distributed.DataParallelDriver(world), settings, None
+    if args.executor == "ray":
+        from bsprof.engine.ray_executor import RayExecutor
+
+        executor = RayExecutor.start(args.workload, address=args.ray_address)
+        print(executor.plan(settings), file=sys.stderr)
+        return executor, settings, None
+    return None, settings, None
 
 
 def _with_trace_dir(settings: Any, store: Any, config: Any, workload: Any, *, fresh: bool) -> Any:

@@ -238,22 +238,24 @@ def _train(
         loss_count += 1
         s += 1
         if first_loss is None:
-            first_loss = float(loss)
+            (first_loss,), _ = step.agree((float(loss),), ())
         at_eval = s >= next_eval
         out_of_budget = s >= max_steps
         if not (at_eval or out_of_budget or s >= next_check):
             continue
         sync()
         now = time.perf_counter()
-        train_s += now - t
         next_check = s + conv.check_every
-        mean_loss = float(loss_sum) / loss_count
+        # Data-parallel: the loss over all ranks and the slowest rank's clock, so every rank decides alike.
+        (last_loss, mean_loss), (train_s,) = step.agree(
+            (float(loss), float(loss_sum) / loss_count), (train_s + now - t,)
+        )
         if (
             not math.isfinite(mean_loss)
-            or not math.isfinite(float(loss))
-            or float(loss) > conv.explode_factor * max(first_loss, 1e-12)
+            or not math.isfinite(last_loss)
+            or last_loss > conv.explode_factor * max(first_loss, 1e-12)
         ):
-            status, error = "diverged", f"training loss {float(loss):.4g} at step {s} (first step: {first_loss:.4g})"
+            status, error = "diverged", f"training loss {last_loss:.4g} at step {s} (first step: {first_loss:.4g})"
             curve.append(
                 {
                     "step": s,
@@ -267,7 +269,7 @@ def _train(
             break
         if at_eval or out_of_budget:
             e0 = time.perf_counter()
-            metric = evaluate(step.model, workload, val)
+            (metric,), _ = step.agree((evaluate(step.model, workload, val),), ())  # replicas: the same value
             row = {
                 "step": s,
                 "samples": step.samples_done,
@@ -280,6 +282,7 @@ def _train(
                 "grad_norm": _grad_norm(step.model, workload, probe),
                 "bracket_step": prev_eval_step,
             }
+            row.update(step.gradient_norms() or {})
             curve.append(row)
             loss_sum.zero_()
             loss_count = 0

@@ -179,7 +179,10 @@ class TrainingStep:
         cls, workload: Workload, spec: TrialSpec, settings: EngineSettings, *, compile: bool | None = None
     ) -> TrainingStep:
         """The training step of one trial: ``spec``'s batch size, seed and LR on ``settings``' device and
-        precision (``compile`` overrides ``settings.compile``)."""
+        precision (``compile`` overrides ``settings.compile``); under DDP when ``settings.data_parallel`` is set
+        (:mod:`bsprof.engine.distributed`)."""
+        if settings.data_parallel is not None:
+            return settings.data_parallel.build_step(workload, spec, settings, compile=compile)
         return cls(
             workload,
             batch_size=spec.batch_size,
@@ -218,6 +221,16 @@ class TrainingStep:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+    def agree(self, means: tuple[float, ...], maxima: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Values every process of the trial must decide on alike: ``means`` averaged and ``maxima`` maximised
+        over the processes. One process: returned as they are (a data-parallel step reduces them over ranks)."""
+        return means, maxima
+
+    def gradient_norms(self) -> dict[str, float | int] | None:
+        """The data-parallel noise-scale sample since the last call (see
+        :class:`~bsprof.engine.distributed.DataParallelStep`); ``None`` in one process."""
+        return None
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group (for warm-up schedules)."""

@@ -81,6 +81,9 @@ class EngineSettings:
         sampler_process: The telemetry sampler process every trial's monitor shares (a
             :class:`~bsprof.engine.sampler_process.SamplerProcess`; :func:`~bsprof.engine.sweep.run_sweep` starts
             one per sweep); ``None``: each trial's monitor starts and ends its own.
+        data_parallel: This process's place in a data-parallel job
+            (:class:`~bsprof.engine.distributed.DataParallel`): trials build their step under DDP; ``None``: one
+            process.
     """
 
     device: torch.device
@@ -95,6 +98,7 @@ class EngineSettings:
     peak_tflops: float | None = None
     flush_denormal: bool = False
     sampler_process: Any = field(default=None, compare=False, repr=False)
+    data_parallel: Any = None
 
     def config(self) -> dict[str, object]:
         """The settings that change measurements; part of a run's config hash."""
@@ -110,6 +114,8 @@ class EngineSettings:
         if self.compile and self.compile_backend != "inductor":
             backend = self.compile_backend
             out["compile_backend"] = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
+        if self.data_parallel is not None:
+            out["world_size"] = self.data_parallel.world_size
         return out
 
 
