@@ -298,7 +298,7 @@ def merge_ranks(result: TrialResult, ranks: list[dict[str, Any]], world: DataPar
     for key in PER_RANK_COLUMNS:
         values = [r["per_rank"].get(key) for r in ranks]
         if any(v is not None for v in values) and key in metrics:
-            known = [float(v) for v in values if v is not None]
+            known = [v for v in values if v is not None]
             metrics[key] = max(known)
             metrics[f"{key}_sum"] = sum(known) if len(known) == len(values) else None
     times = [r["step_time_s"] for r in ranks if r["step_time_s"] is not None]
