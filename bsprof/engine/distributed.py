@@ -266,8 +266,16 @@ class DataParallelTimer:
     settings: Any
     source: str = "engine"
 
-    def __call__(self, step: Callable[[], object], *, batch_size: int, sync: Callable[[], None]) -> StepTimes:
-        return time_steps(step, batch_size=batch_size, settings=self.settings, sync=sync, clock=CollectiveClock())
+    def __call__(
+        self,
+        step: Callable[[], object],
+        *,
+        batch_size: int,
+        sync: Callable[[], None],
+        reset: Callable[[], None] | None = None,
+    ) -> StepTimes:
+        clock = CollectiveClock()
+        return time_steps(step, batch_size=batch_size, settings=self.settings, sync=sync, clock=clock, reset=reset)
 
 
 def _settings_for(settings: EngineSettings, world: DataParallel) -> EngineSettings:
