@@ -169,6 +169,8 @@ def test_two_process_sweep_stores_one_trial_each_and_matches_one_process(tmp_pat
         if kind == "throughput":
             assert t["samples_per_s"] > 0
             assert t["peak_mem_bytes_sum"] >= t["peak_mem_bytes"]
+            assert 0.0 <= t["allreduce_share"] < 1.0
+            assert t["step_time_no_allreduce_s"] > 0
     for b in (64, 256):
         for seed in (0, 1):
             assert (

@@ -12,6 +12,9 @@ the sweep, broadcasts each trial's spec to the other ranks (:func:`follow`), run
 rank's figures and alone writes the store. Throughput is global samples/s; memory and telemetry are per
 rank: the column holds the largest rank's value and ``<column>_sum`` the sum over ranks.
 
+The share of step time spent in all-reduce is measured by timing the trial's step a second time under
+DDP's ``no_sync()`` (``allreduce_share``, the communication not hidden behind the backward pass).
+
 Decisions every rank must take alike use agreed values, never a rank's own clock or loss: the throughput
 timer reads :class:`CollectiveClock` (the slowest rank's elapsed time), and the convergence trial's
 divergence and time-budget checks go through :meth:`DataParallelStep.agree`. Evaluation runs on every
@@ -286,8 +289,30 @@ def _run_here(spec: TrialSpec, workload: Workload, settings: EngineSettings, run
     if spec.kind == "throughput":
         from bsprof.engine.trial import run_throughput_trial
 
-        return run_throughput_trial(workload, spec, settings, timer=DataParallelTimer(settings.timing))
+        result = run_throughput_trial(workload, spec, settings, timer=DataParallelTimer(settings.timing))
+        return _with_allreduce_share(result, workload, spec, settings) if result.status == "ok" else result
     return runners[spec.kind](workload, spec, settings)
+
+
+def _with_allreduce_share(
+    result: TrialResult, workload: Workload, spec: TrialSpec, settings: EngineSettings
+) -> TrialResult:
+    """``result`` with the share of its step time spent in (exposed) all-reduce: a fresh step of the same trial
+    timed again under ``no_sync()`` (no gradient communication), ``allreduce_share = 1 - t_no_sync / t_step``.
+
+    DDP overlaps the all-reduce with the backward pass; only what is not hidden shows in the step time, and only
+    that is counted. A second timing's noise can make the difference negative: it is clipped at 0.
+    """
+    from bsprof.engine.device import synchronizer
+
+    step = settings.data_parallel.build_step(workload, spec, settings)
+    with step.ddp.no_sync():
+        alone = DataParallelTimer(settings.timing)(step, batch_size=spec.batch_size, sync=synchronizer(settings.device))
+    with_comm = result.metrics.get("step_time_s")
+    metrics = dict(result.metrics, step_time_no_allreduce_s=alone.median_s)
+    if isinstance(with_comm, float) and with_comm > 0:
+        metrics["allreduce_share"] = max(0.0, 1.0 - alone.median_s / with_comm)
+    return replace(result, metrics=metrics)
 
 
 def _summary(result: TrialResult) -> dict[str, Any]:
