@@ -139,26 +139,14 @@ def test_two_process_sweep_stores_one_trial_each_and_matches_one_process(tmp_pat
     common = ("-w", "digits-mlp", "-b", "64,256", "--seeds", "2", "--device", "cpu")
     fast = ("--min-time", "0.05", "--min-steps", "5", "--timing-warmup-steps", "2")
     dp_db, one_db = tmp_path / "dp.db", tmp_path / "one.db"
-    dp = subprocess.run(
-        cli_command("sweep", *common, *fast, "--kind", "both", "--store", dp_db, "--nproc-per-node", "2"),
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert dp.returncode == 0, dp.stderr[-2000:]
-    one = subprocess.run(
-        cli_command("sweep", *common, "--kind", "convergence", "--store", one_db),
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
+    for args in (
+        (*fast, "--kind", "both", "--store", dp_db, "--nproc-per-node", "2"),
+        ("--kind", "convergence", "--store", one_db),
+    ):
+        run = subprocess.run(
+            cli_command("sweep", *common, *args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
     with sqlite3.connect(dp_db) as c:
         assert c.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
     dp_trials, one_trials = _trials(dp_db), _trials(one_db)

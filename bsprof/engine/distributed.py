@@ -114,22 +114,10 @@ class DataParallel:
             raise ValueError(f"global batch size {batch_size} is not a multiple of the world size {self.world_size}")
         return batch_size // self.world_size
 
-    def build_step(
-        self, workload: Workload, spec: TrialSpec, settings: EngineSettings, *, compile: bool | None = None
-    ) -> TrainingStep:
-        """The training step of one data-parallel trial (see :meth:`TrainingStep.for_trial`)."""
-        return DataParallelStep(
-            workload,
-            batch_size=spec.batch_size,
-            seed=spec.seed,
-            lr=spec.lr,
-            device=settings.device,
-            amp=settings.amp,
-            compile=settings.compile if compile is None else compile,
-            compile_backend=settings.compile_backend,
-            world=self,
-            norms=spec.kind == "convergence",
-        )
+    def build_step(self, workload: Workload, kind: str, **kwargs: Any) -> TrainingStep:
+        """The training step of one data-parallel trial of ``kind``, built from
+        :meth:`TrainingStep.for_trial`'s arguments (``batch_size`` is the global batch)."""
+        return DataParallelStep(workload, world=self, norms=kind == "convergence", **kwargs)
 
 
 def context_from_env(environ: dict[str, str] | None = None) -> DataParallel | None:
@@ -305,7 +293,8 @@ def _with_allreduce_share(
     """
     from bsprof.engine.device import synchronizer
 
-    step = settings.data_parallel.build_step(workload, spec, settings)
+    step = TrainingStep.for_trial(workload, spec, settings)
+    assert isinstance(step, DataParallelStep)
     with step.ddp.no_sync():
         alone = DataParallelTimer(settings.timing)(step, batch_size=spec.batch_size, sync=synchronizer(settings.device))
     with_comm = result.metrics.get("step_time_s")

@@ -181,18 +181,18 @@ class TrainingStep:
         """The training step of one trial: ``spec``'s batch size, seed and LR on ``settings``' device and
         precision (``compile`` overrides ``settings.compile``); under DDP when ``settings.data_parallel`` is set
         (:mod:`bsprof.engine.distributed`)."""
+        kwargs: dict[str, Any] = {
+            "batch_size": spec.batch_size,
+            "seed": spec.seed,
+            "lr": spec.lr,
+            "device": settings.device,
+            "amp": settings.amp,
+            "compile": settings.compile if compile is None else compile,
+            "compile_backend": settings.compile_backend,
+        }
         if settings.data_parallel is not None:
-            return settings.data_parallel.build_step(workload, spec, settings, compile=compile)
-        return cls(
-            workload,
-            batch_size=spec.batch_size,
-            seed=spec.seed,
-            lr=spec.lr,
-            device=settings.device,
-            amp=settings.amp,
-            compile=settings.compile if compile is None else compile,
-            compile_backend=settings.compile_backend,
-        )
+            return settings.data_parallel.build_step(workload, spec.kind, **kwargs)
+        return cls(workload, **kwargs)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and loss, under autocast when mixed precision is on."""
