@@ -293,10 +293,19 @@ def _with_allreduce_share(
     """
     from bsprof.engine.device import synchronizer
 
-    step = TrainingStep.for_trial(workload, spec, settings)
-    assert isinstance(step, DataParallelStep)
-    with step.ddp.no_sync():
-        alone = DataParallelTimer(settings.timing)(step, batch_size=spec.batch_size, sync=synchronizer(settings.device))
+    try:
+        step = TrainingStep.for_trial(workload, spec, settings)
+        if not isinstance(step, DataParallelStep):
+            raise TypeError(f"expected a data-parallel step, got {type(step).__name__}")
+        initial = step.snapshot()  # timed from the initial state, as the trial's own blocks
+        timer = DataParallelTimer(settings.timing)
+        with step.ddp.no_sync():
+            sync = synchronizer(settings.device)
+            alone = timer(step, batch_size=spec.batch_size, sync=sync, reset=lambda: step.restore(initial))
+    except Exception as e:  # noqa: BLE001 - a by-product: its failure leaves the share empty, the trial stands
+        why = f"no_sync timing failed: {type(e).__name__}: {e}"[:300]
+        log.warning("B=%d: %s", spec.batch_size, why)
+        return replace(result, reasons={**result.reasons, "allreduce_share": why})
     with_comm = result.metrics.get("step_time_s")
     metrics = dict(result.metrics, step_time_no_allreduce_s=alone.median_s)
     if isinstance(with_comm, float) and with_comm > 0:
