@@ -170,6 +170,25 @@ def test_two_process_sweep_stores_one_trial_each_and_matches_one_process(tmp_pat
     sampled = [r for r in curve if r.get("dp_norm_steps")]
     assert sampled, "convergence curves carry the data-parallel gradient-norm samples"
     assert all(r["dp_big_batch"] == 2 * r["dp_small_batch"] for r in sampled)
+    for b in (64, 256):
+        assert dp_trials[("convergence", b, 0)]["dp_b_simple"] is not None  # the noise scale, from the same curve
+
+
+def test_with_noise_scale_estimates_b_simple_from_the_curve_samples() -> None:
+    """Exact: with |G_b|² = |G|² + tr(Σ)/b and |G_B|² = |G|² + tr(Σ)/B (no population correction),
+    B_simple = tr(Σ)/|G|² comes back."""
+    from bsprof.engine.distributed import with_noise_scale
+
+    g2, tr = 2.0, 400.0
+    rows = [
+        {"step": s, "dp_norm_steps": 5, "dp_small_batch": 32, "dp_big_batch": 64}
+        | {"dp_small_sq_norm": g2 + tr / 32, "dp_big_sq_norm": g2 + tr / 64}
+        for s in (5, 10, 15)
+    ]
+    result = TrialResult(TrialSpec("w", "convergence", 64, 0, 0.1), "ok", "cpu", curve=[{"step": 1}, *rows])
+    out = with_noise_scale(result)
+    assert out.metrics["dp_b_simple"] == pytest.approx(tr / g2)
+    assert with_noise_scale(TrialResult(SPEC, "ok", "cpu")).metrics == {}
 
 
 @pytest.mark.parametrize(

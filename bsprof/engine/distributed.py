@@ -23,7 +23,7 @@ single-process one.
 
 Convergence trials also record, per evaluation interval, the ranks' local squared gradient norms (taken
 in a DDP communication hook before the all-reduce) beside the all-reduced one: the two batch sizes of the
-gradient-noise-scale estimator (:func:`~bsprof.engine.noise_scale.data_parallel_sample`).
+gradient-noise-scale estimator; rank 0 stores the estimate over the trial (:func:`with_noise_scale`).
 
 Nothing here is imported on the local path.
 """
@@ -60,6 +60,8 @@ __all__ = [
     "context_from_env",
     "follow",
     "launch",
+    "merge_ranks",
+    "with_noise_scale",
 ]
 
 log = logging.getLogger(__name__)
@@ -232,6 +234,7 @@ class DataParallelStep(TrainingStep):
             "dp_small_sq_norm": local_mean,
             "dp_big_sq_norm": reduced,
             "dp_norm_steps": steps,
+            "dp_population": len(self.train),
         }
 
 
@@ -346,6 +349,32 @@ def merge_ranks(result: TrialResult, ranks: list[dict[str, Any]], world: DataPar
     return replace(result, metrics=metrics, status=status, error=error)
 
 
+def with_noise_scale(result: TrialResult) -> TrialResult:
+    """A data-parallel convergence result with the gradient noise scale B_simple (McCandlish et al. 2018) of its
+    learning curve's samples (per-rank |g_b|² beside all-reduced |g_B|²): ``dp_b_simple`` and its bootstrap
+    interval ``dp_b_simple_ci_low`` / ``_high`` (examples). Unchanged when the curve holds no samples."""
+    from bsprof.noise_scale import GradientNormSample, estimate_noise_scale
+
+    samples = [
+        GradientNormSample(
+            r["dp_small_batch"],
+            r["dp_big_batch"],
+            r["dp_small_sq_norm"],
+            r["dp_big_sq_norm"],
+            population_size=r.get("dp_population"),
+            step=r.get("step"),
+        )
+        for r in result.curve
+        if r.get("dp_norm_steps")
+    ]
+    if not samples:
+        return result
+    est = estimate_noise_scale(samples)
+    metrics = dict(result.metrics, dp_b_simple=est.b_simple, dp_b_simple_ci_low=est.ci_low)
+    metrics["dp_b_simple_ci_high"] = est.ci_high
+    return replace(result, metrics=metrics)
+
+
 class DataParallelDriver:
     """Rank 0's :class:`~bsprof.engine.sweep.Executor`: each trial is broadcast to the other ranks, run on all,
     and rank 0's result, merged with every rank's figures (:func:`merge_ranks`), is yielded for the store.
@@ -369,7 +398,7 @@ class DataParallelDriver:
             result = _run_here(spec, workload, settings, runners)
             ranks: list[Any] = [None] * self.world.world_size
             dist.gather_object(_summary(result), ranks, dst=0)
-            yield merge_ranks(result, ranks, self.world)
+            yield with_noise_scale(merge_ranks(result, ranks, self.world))
 
     def close(self) -> None:
         """Tell the other ranks the sweep is over."""
