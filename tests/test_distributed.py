@@ -202,3 +202,12 @@ def test_bad_data_parallel_input_is_exit_2_before_launching(cli: Any, extra: tup
     result = cli("sweep", "-w", "digits-mlp", "--device", "cpu", "--kind", "throughput", *extra)
     assert result.code == 2
     assert message in result.err
+
+
+def test_executor_ray_without_ray_is_one_line_and_exit_2(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # ``import ray`` now raises ImportError
+    result = cli("sweep", "-w", "digits-mlp", "--device", "cpu", "-b", "8", "--executor", "ray")
+    assert result.code == 2
+    assert "pip install 'bsprof[ray]'" in result.err
