@@ -207,7 +207,7 @@ class DataParallelStep(TrainingStep):
         self.batcher = _SlicedBatcher(self.batcher, world.rank, per_rank)  # type: ignore[assignment]
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self._hook = _NormHook() if norms else None
+        self._hook = _NormHook() if norms and world.world_size > 1 else None  # one rank: b = B, no sample
         if self._hook is not None:
             hook = self._hook  # torch checks the hook's annotations as objects; a lambda has none
             self.ddp.register_comm_hook(None, lambda state, bucket: hook(state, bucket))
