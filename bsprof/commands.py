@@ -142,7 +142,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if executor is not None:
                 executor.close()
         progress.close()
-        log.info("run %s: %d trials run, %d already stored", outcome.run.run_id, len(outcome.results), outcome.skipped)
+        elsewhere = (
+            f", {outcome.claimed_elsewhere} run by another sweep of this run at the same time"
+            if outcome.claimed_elsewhere
+            else ""
+        )
+        log.info(
+            "run %s: %d trials run by this sweep, %d already stored%s",
+            outcome.run.run_id,
+            len(outcome.results),
+            outcome.skipped,
+            elsewhere,
+        )
         print_summary(store, [outcome.run.run_id])
         if settings.profile:
             _print_profile_note(outcome, settings.trace_dir)

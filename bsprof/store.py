@@ -9,6 +9,9 @@
 
 Concurrency: WAL journal and a busy timeout, so several processes can write one store; each trial is a
 single short transaction, and ``INSERT ... ON CONFLICT DO NOTHING`` keeps the first writer's trial.
+Concurrent sweeps of one run split the work: a sweep *claims* a trial (a row in ``claims``, taken in a
+``BEGIN IMMEDIATE`` transaction) before running it; the claim is a lease that its sweep renews while it
+runs, so a killed sweep's claims expire after :data:`CLAIM_LEASE_S` and another sweep may take them.
 """
 
 from __future__ import annotations
@@ -29,10 +32,18 @@ from bsprof.schema import SCHEMA_VERSION
 if TYPE_CHECKING:
     from bsprof.engine.trial import TrialResult, TrialSpec
 
-__all__ = ["DEFAULT_STORE", "SCHEMA_VERSION", "RunRecord", "Store", "config_hash"]
+__all__ = ["CLAIM_LEASE_S", "DEFAULT_STORE", "SCHEMA_VERSION", "RunRecord", "Store", "config_hash"]
 
 DEFAULT_STORE = Path("reports") / "bsprof.db"
 FINISHED = ("ok", "oom", "diverged", "budget_exhausted")  # "error" trials are retried on resume
+CLAIM_LEASE_S = 60.0
+"""Seconds a trial claim lasts unless its sweep renews it (a killed sweep's claims expire after this)."""
+
+_CLAIMS = """CREATE TABLE IF NOT EXISTS claims (
+    run_id TEXT NOT NULL, kind TEXT NOT NULL, batch_size INTEGER NOT NULL, seed INTEGER NOT NULL,
+    lr REAL NOT NULL, repeat INTEGER NOT NULL, owner TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (run_id, kind, batch_size, seed, lr, repeat)
+)"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -387,6 +398,69 @@ class Store:
             }
             for r in rows
         ]
+
+    # claims (concurrent sweeps of one run) ------------------------------------------------------------
+    def claim_trial(
+        self, run_id: str, key: tuple[str, int, int, float, int], owner: str, lease_s: float = CLAIM_LEASE_S
+    ) -> bool:
+        """Claim the trial ``key`` (:meth:`TrialSpec.key`) of ``run_id`` for ``owner``, atomically.
+
+        Returns:
+            ``False`` when the trial is already finished in the store or another owner holds an unexpired
+            claim on it; otherwise the claim is taken (or renewed) until ``now + lease_s`` and ``True``.
+        """
+        kind, batch_size, seed, lr, repeat = key
+        now = time.time()
+        with self.transaction():
+            self._conn.execute(_CLAIMS)
+            finished = self._conn.execute(
+                "SELECT 1 FROM trials WHERE run_id=? AND kind=? AND batch_size=? AND seed=? AND abs(lr - ?) < 1e-12"
+                f" AND repeat=? AND status IN ({','.join('?' * len(FINISHED))})",
+                (run_id, kind, batch_size, seed, lr, repeat, *FINISHED),
+            ).fetchone()
+            if finished:
+                return False
+            holder = self._conn.execute(
+                "SELECT owner, expires_at FROM claims WHERE run_id=? AND kind=? AND batch_size=? AND seed=?"
+                " AND abs(lr - ?) < 1e-12 AND repeat=?",
+                (run_id, kind, batch_size, seed, lr, repeat),
+            ).fetchone()
+            if holder and holder[0] != owner and holder[1] > now:
+                return False
+            self._conn.execute(
+                "DELETE FROM claims WHERE run_id=? AND kind=? AND batch_size=? AND seed=? AND abs(lr - ?) < 1e-12"
+                " AND repeat=?",
+                (run_id, kind, batch_size, seed, lr, repeat),
+            )
+            self._conn.execute(
+                "INSERT INTO claims(run_id, kind, batch_size, seed, lr, repeat, owner, expires_at)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (run_id, kind, batch_size, seed, lr, repeat, owner, now + lease_s),
+            )
+        return True
+
+    def renew_claims(self, owner: str, lease_s: float = CLAIM_LEASE_S) -> None:
+        """Extend every claim of ``owner`` to ``now + lease_s``."""
+        with self.transaction():
+            self._conn.execute(_CLAIMS)
+            self._conn.execute("UPDATE claims SET expires_at=? WHERE owner=?", (time.time() + lease_s, owner))
+
+    def release_claim(self, run_id: str, key: tuple[str, int, int, float, int], owner: str) -> None:
+        """Give up ``owner``'s claim on one trial (it is stored)."""
+        kind, batch_size, seed, lr, repeat = key
+        with self.transaction():
+            self._conn.execute(_CLAIMS)
+            self._conn.execute(
+                "DELETE FROM claims WHERE run_id=? AND kind=? AND batch_size=? AND seed=? AND abs(lr - ?) < 1e-12"
+                " AND repeat=? AND owner=?",
+                (run_id, kind, batch_size, seed, lr, repeat, owner),
+            )
+
+    def release_claims(self, owner: str) -> None:
+        """Give up every claim of ``owner`` (its trials are stored, or its sweep is ending)."""
+        with self.transaction():
+            self._conn.execute(_CLAIMS)
+            self._conn.execute("DELETE FROM claims WHERE owner=?", (owner,))
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check`` answer (``"ok"`` when sound)."""

@@ -8,7 +8,9 @@ centred on the rule's value for every batch size and seed, the LR with the lowes
 is chosen per batch size, and *final* re-runs that LR on fresh seeds (picking the best of K noisy medians
 is optimistic; the fresh seeds give the figures reported).
 
-Trials already in the store are skipped (resume). After an OOM at batch size B, batch sizes >= B are
+Trials already in the store are skipped (resume). Several sweeps of one run may run at once: each claims a
+trial in the store before running it (a lease it renews while it lives, :meth:`Store.claim_trial`) and
+leaves trials claimed by another to that one, so no trial runs twice. After an OOM at batch size B, batch sizes >= B are
 recorded ``oom`` without being tried unless ``skip_larger_after_oom`` is off.
 """
 
@@ -16,7 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
+import sqlite3
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -113,6 +120,7 @@ class SweepOutcome:
     run: RunRecord
     results: list[TrialResult] = field(default_factory=list)
     skipped: int = 0
+    claimed_elsewhere: int = 0
     chosen_lr: dict[int, float] = field(default_factory=dict)
 
 
@@ -265,10 +273,34 @@ def _run_sweep(
         len(config.convergence_sizes) * config.seeds if config.tune_lr > 0 and "convergence" in config.kinds else 0
     )
     state = _State(store, run.run_id, config.skip_larger_after_oom, outcome, progress, len(phases) + n_final)
+    with _ClaimKeeper(store, state.owner):
+        return _run_phases(config, workload, settings, store, run_fns, executor, state, phases, n_final, prime)
+
+
+def _run_phases(
+    config: SweepConfig,
+    workload: Workload,
+    settings: EngineSettings,
+    store: Store,
+    run_fns: dict[str, Runner],
+    executor: Executor,
+    state: _State,
+    phases: list[TrialSpec],
+    n_final: int,
+    prime: bool,
+) -> SweepOutcome:
+    outcome, run = state.outcome, state.outcome.run
     if prime and any(spec.key() not in state.done_keys for spec in phases):
         prime_process(workload, settings, min(config.batch_sizes))
     for result in executor.run(state.admit(phases, settings), workload, settings, run_fns):
         state.record(result)
+    if n_final and outcome.claimed_elsewhere:
+        log.warning(
+            "%d tuning trial(s) are being run by another sweep of this run; run the same command again when it "
+            "ends to choose the LRs and run the final trials",
+            outcome.claimed_elsewhere,
+        )
+        n_final = 0
     if n_final:
         rows = store.trial_rows([run.run_id])
         finals = []
@@ -312,6 +344,9 @@ class _State:
     done: int = 0
     done_keys: set[tuple[str, int, int, float, int]] = field(init=False)
     oom_floor: int | None = field(init=False, default=None)
+    owner: str = field(
+        init=False, default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    )
 
     def __post_init__(self) -> None:
         self.done_keys = self.store.finished_keys(self.run_id)
@@ -325,6 +360,11 @@ class _State:
         for spec in specs:
             if spec.key() in self.done_keys:
                 self.outcome.skipped += 1
+                self.done += 1
+                continue
+            if not self.store.claim_trial(self.run_id, spec.key(), self.owner):
+                # Finished meanwhile, or claimed by a concurrent sweep of this run: never run a trial twice.
+                self.outcome.claimed_elsewhere += 1
                 self.done += 1
                 continue
             if self.oom_floor is not None and spec.batch_size >= self.oom_floor:
@@ -342,8 +382,45 @@ class _State:
         if result.status == "oom" and self.skip_larger:
             self.oom_floor = spec.batch_size if self.oom_floor is None else min(self.oom_floor, spec.batch_size)
         self.store.add_trial(self.run_id, result)
+        self.store.release_claim(self.run_id, spec.key(), self.owner)
         self.done_keys.add(spec.key())
         self.outcome.results.append(result)
         self.done += 1
         if self.progress:
             self.progress(spec, result, self.done, self.total)
+
+
+class _ClaimKeeper:
+    """Renews ``owner``'s trial claims every quarter lease from a thread (own connection) and releases them at exit."""
+
+    def __init__(self, store: Store, owner: str) -> None:
+        from bsprof.store import CLAIM_LEASE_S
+
+        self._store, self._owner, self._period_s = store, owner, CLAIM_LEASE_S / 4
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="bsprof-claims", daemon=True)
+
+    def _renew(self) -> None:
+        from bsprof.errors import BsprofError
+        from bsprof.store import Store
+
+        with Store(self._store.path) as own:
+            while not self._stop.wait(self._period_s):
+                try:
+                    own.renew_claims(self._owner)
+                except (BsprofError, sqlite3.Error) as e:  # the claim then lapses; another sweep may take it
+                    log.warning("could not renew this sweep's trial claim: %s", e)
+
+    def __enter__(self) -> _ClaimKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from bsprof.errors import BsprofError
+
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._store.release_claims(self._owner)
+        except (BsprofError, sqlite3.Error) as e:  # the sweep is ending on this error already: claims lapse
+            log.debug("could not release this sweep's trial claims (they expire by themselves): %s", e)

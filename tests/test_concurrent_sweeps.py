@@ -1,0 +1,113 @@
+"""Two sweeps of ONE run at the same time split its trials (issue 12.2): each trial is claimed in the store
+before it runs, so every trial runs exactly once in total, and each sweep says how many it ran."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cli_command, cli_env, ref
+
+from bsprof.engine.sweep import SweepConfig, SweepOutcome, run_sweep
+from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec
+from bsprof.store import Store
+from bsprof.workload import Workload, load_workload
+
+SETTINGS = EngineSettings(device=torch.device("cpu"))
+CONFIG = SweepConfig(workload_ref="tiny", batch_sizes=(1, 2, 4, 8), kinds=("throughput",), seeds=2, repeats=2)
+TOTAL = 4 * 2 * 2
+
+
+class SleepingRunner:
+    """A trial that sleeps 0.05 s; records every execution (shared by both sweeps, so duplicates show)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, TrialSpec]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, workload: Workload, spec: TrialSpec, settings: EngineSettings) -> TrialResult:
+        time.sleep(0.05)
+        with self._lock:
+            self.calls.append((threading.current_thread().name, spec))
+        return TrialResult(spec=spec, status="ok", device="cpu", metrics={"samples_per_s": 1.0}, started_at=0.0)
+
+
+def test_two_sweeps_of_one_run_execute_every_trial_once(tmp_path: Path) -> None:
+    workload = load_workload(ref("tiny.py"))
+    path = tmp_path / "s.db"
+    Store(path, create=True).close()
+    runner = SleepingRunner()
+    outcomes: dict[str, SweepOutcome] = {}
+    failures: list[BaseException] = []
+
+    def sweep(name: str) -> None:
+        try:
+            with Store(path) as store:
+                outcomes[name] = run_sweep(
+                    CONFIG, workload, SETTINGS, store, runners={"throughput": runner}, prime=False
+                )
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread below
+            failures.append(e)
+
+    threads = [threading.Thread(target=sweep, args=(n,), name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not failures, failures
+    keys = [spec.key() for _, spec in runner.calls]
+    assert len(keys) == TOTAL and len(set(keys)) == TOTAL  # every trial executed exactly once in total
+    ran = {n: len(o.results) for n, o in outcomes.items()}
+    assert ran["a"] + ran["b"] == TOTAL and min(ran.values()) > 0  # both did part of the work
+    for name, o in outcomes.items():
+        assert len(o.results) + o.claimed_elsewhere + o.skipped == TOTAL, name
+        assert {s.key() for n, s in runner.calls if n == name} == {r.spec.key() for r in o.results}
+    assert outcomes["a"].run.run_id == outcomes["b"].run.run_id
+    with Store(path) as store:
+        assert len(store.trial_rows()) == TOTAL
+        assert store.integrity_check() == "ok"
+
+
+def test_a_dead_sweeps_claim_expires_and_a_live_one_is_respected(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db", create=True) as store:
+        run = store.open_run("tiny", {"x": 1}, {})
+        key = ("throughput", 8, 0, 0.1, 0)
+        assert store.claim_trial(run.run_id, key, "dead", lease_s=0.05)
+        assert not store.claim_trial(run.run_id, key, "other")  # held and unexpired
+        time.sleep(0.1)
+        assert store.claim_trial(run.run_id, key, "other")  # the dead owner's lease expired
+        store.release_claims("other")
+        assert store.claim_trial(run.run_id, key, "third")
+
+
+@pytest.mark.slow
+def test_two_cli_sweeps_of_one_run_say_how_many_they_ran(tmp_path: Path) -> None:
+    store = tmp_path / "s.db"
+    args = cli_command(
+        "sweep", "--workload", "tests/fixtures/slow.py:factory", "--batch-sizes", "1,2,4", "--kind", "throughput",
+        "--seeds", "1", "--repeats", "2", "--min-time", "0.1", "--min-steps", "1", "--timing-warmup-steps", "1",
+        "--store", str(store),
+    )  # fmt: skip
+    procs = [
+        subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    ran = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        m = re.search(r"(\d+) trials run by this sweep", err)
+        assert m, err
+        ran.append(int(m.group(1)))
+    print("trials run by each sweep:", ran)
+    assert sum(ran) == 6
+    with Store(store) as s:
+        rows = s.trial_rows()
+        assert len(s.runs()) == 1
+    assert len(rows) == 6
+    assert len({(r["batch_size"], r["repeat"]) for r in rows}) == 6
