@@ -20,6 +20,7 @@ from bsprof.commands import (
     cmd_predict,
     cmd_profile,
     cmd_report,
+    cmd_runs,
     cmd_summary,
     cmd_sweep,
     cmd_workloads,
@@ -79,8 +80,8 @@ def _positive(kind: type) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return value
 
     return parse
@@ -294,7 +295,7 @@ def build_parser() -> _Parser:
     ex = sub.add_parser(
         "export",
         help="export trials as csv, json or parquet",
-        description="One tidy row per trial (DESIGN.md columns first, SI units).",
+        description="One tidy row per trial (the documented columns first, SI units; see the README's export section).",
     )
     ex.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
     ex.add_argument("--format", "-f", default="csv", choices=["csv", "json", "parquet"], help="(default: csv)")
@@ -312,6 +313,15 @@ def build_parser() -> _Parser:
     )
     sm.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
     sm.add_argument("--run", action="append", help="this run id (repeatable; default: latest run per workload)")
+    sm.add_argument("--wide", action="store_true", help="every column, with spreads and intervals (needs ~220 columns)")
+
+    rn = sub.add_parser(
+        "runs",
+        help="list the runs in a store",
+        description="One line per run: id, workload, when it was created, trials stored, and its settings. "
+        "summary/report/export take --run ID to pick one.",
+    )
+    rn.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
 
     rp = sub.add_parser(
         "report",
@@ -401,6 +411,7 @@ COMMANDS = {
     "profile": cmd_profile,
     "export": cmd_export,
     "summary": cmd_summary,
+    "runs": cmd_runs,
     "find-max-batch": cmd_find_max_batch,
     "predict": cmd_predict,
     "report": cmd_report,

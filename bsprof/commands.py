@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ __all__ = [
     "cmd_predict",
     "cmd_profile",
     "cmd_report",
+    "cmd_runs",
     "cmd_summary",
     "cmd_sweep",
     "cmd_workloads",
@@ -86,6 +88,16 @@ def _convergence_settings(args: argparse.Namespace, workload: Any) -> Any:
         raise BadInput("--warmup-steps and --warmup-epochs must be >= 0")
     if args.tune_lr < 0 or args.tune_lr == 1:
         raise BadInput(f"--tune-lr {args.tune_lr}: give 0 (no tuning) or at least 2 learning rates")
+    if args.target is not None:
+        if not math.isfinite(args.target):
+            raise BadInput(f"--target {args.target}: must be a finite number")
+        accuracy = (0.0, 1.0) if workload.metric_name.endswith("accuracy") else None
+        lo, hi = workload.metric_range or accuracy or (-math.inf, math.inf)
+        if not lo <= args.target <= hi:
+            raise BadInput(
+                f"--target {args.target:g} is outside the range of {workload.name}'s {workload.metric_name} "
+                f"[{lo:g}, {hi:g}]: no trial could reach it"
+            )
     if args.kind != "throughput" and args.target is None and workload.target is None:
         raise BadInput(f"workload {workload.name} has no default target: pass --target or use --kind throughput")
     return ConvergenceSettings(
@@ -125,6 +137,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     executor, settings, follower_done = _executor(args, config, workload, settings)
     if follower_done is not None:  # a data-parallel rank other than 0 (or the launcher): no store, no output
         return follower_done
+    _warn_batches_above_training_set(workload, batch_sizes)
     with Store(_store_path(args), create=True) as store, Progress() as progress:
         fresh = args.fresh
         if settings.profile:
@@ -252,6 +265,23 @@ def _executor(args: argparse.Namespace, config: Any, workload: Any, settings: An
     return None, settings, None
 
 
+def _warn_batches_above_training_set(workload: Any, batch_sizes: Sequence[int]) -> None:
+    """Warn (one line) that batch sizes above the training set's size repeat examples within a batch."""
+    try:
+        n_train = len(workload.train_split())
+    except TypeError:  # an iterable dataset has no length: nothing to compare with
+        return
+    over = [b for b in batch_sizes if b > n_train]
+    if over:
+        log.warning(
+            "batch size(s) %s exceed the %d training examples of %s: each such batch repeats examples (the "
+            "sweep measures them anyway)",
+            ", ".join(map(str, over)),
+            n_train,
+            workload.name,
+        )
+
+
 def _with_trace_dir(settings: Any, store: Any, config: Any, workload: Any, *, fresh: bool) -> Any:
     """Settings whose ``trace_dir`` is ``<store folder>/traces/<run>``; opens (or resumes) the run to learn its id.
 
@@ -294,8 +324,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from bsprof.export import curves_frame, trials_frame, write_export
+    from bsprof.files import check_output_path
     from bsprof.store import Store
 
+    if args.output:
+        check_output_path(args.output, "--output")  # before reading anything
     with Store(_store_path(args)) as store:
         if args.run:
             for r in args.run:
@@ -324,7 +357,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from bsprof.console import print_summary
+    from bsprof.console import print_run_note, print_summary
     from bsprof.store import Store
 
     with Store(_store_path(args)) as store:
@@ -333,7 +366,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
             store.run(r)  # raises BadInput for an unknown run
         if not run_ids:
             raise BadInput(f"store {store.path} holds no runs yet: run `bsprof sweep` first")
-        print_summary(store, run_ids)
+        print_summary(store, run_ids, wide=args.wide)
+        print_run_note(store, run_ids, chosen=bool(args.run))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """``bsprof runs``: every run of the store, oldest first."""
+    from bsprof.console import print_runs
+    from bsprof.store import Store
+
+    with Store(_store_path(args)) as store:
+        if not store.runs():
+            raise BadInput(f"store {store.path} holds no runs yet: run `bsprof sweep` first")
+        print_runs(store)
     return 0
 
 

@@ -16,7 +16,17 @@ if TYPE_CHECKING:
     from bsprof.engine.trial import TrialResult, TrialSpec
     from bsprof.store import Store
 
-__all__ = ["Progress", "noise_scale_lines", "print_comparison", "print_prediction", "print_summary"]
+__all__ = [
+    "Progress",
+    "config_summary",
+    "noise_scale_lines",
+    "print_comparison",
+    "print_prediction",
+    "print_run_note",
+    "print_runs",
+    "print_summary",
+    "run_note",
+]
 
 log = logging.getLogger("bsprof")
 
@@ -83,8 +93,39 @@ def _ci(row: Any, col: str, fmt: str) -> str:
     return f"{mid} [{lo}–{hi}]" if mid and lo and (lo != mid or hi != mid) else mid
 
 
-def print_summary(store: Store, run_ids: list[str], *, width: int | None = None) -> None:
-    """Print the trade-off table per batch size and the recommendations, for the given runs."""
+def _status_text(r: Any, drift: str) -> str:
+    """``ok``, or what went wrong per trial kind: ``throughput oom; convergence diverged: 2``."""
+    parts = []
+    tp = str(r.throughput_status or "")
+    if tp and tp not in ("nan", "None", "ok"):
+        parts.append(f"throughput {tp}")
+    conv = str(r.statuses or "")
+    if conv and conv not in ("nan", "None"):
+        parts.append(f"convergence {conv}")
+    if drift:
+        parts.append(drift)
+    return "; ".join(parts) or "ok"
+
+
+_WIDE_ONLY = ("samples→target", "train time→target (measured)", "val/train metric")
+"""Columns shown only with ``--wide``; without it, spreads and intervals are left out too (fits 100 columns)."""
+
+
+def print_summary(
+    store: Store, run_ids: list[str], *, width: int | None = None, wide: bool = False, console: Any = None
+) -> None:
+    """Print the trade-off table per batch size and the recommendations, for the given runs.
+
+    Args:
+        store: The store.
+        run_ids: The runs to show, one table each.
+        width: Console width in columns (default: the terminal's; 220 when not a terminal and ``wide``,
+            else 100).
+        wide: Every column, with spreads and confidence intervals; the default leaves those out so that the
+            table fits 100 columns.
+        console: A rich ``Console`` to print to (tests render at a given width).
+    """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -92,8 +133,8 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
     from bsprof.export import trials_frame
     from bsprof.noise_analysis import prediction_trials
 
-    # On a terminal rich fits the table to its width; in a log file, one line per batch size.
-    console = Console(width=width or (None if sys.stdout.isatty() else 220))
+    if console is None:  # on a terminal rich fits the table to its width; in a log file, a fixed width
+        console = Console(width=width or (None if sys.stdout.isatty() else (220 if wide else 100)))
     for run_id in run_ids:
         run = store.run(run_id)
         trials = trials_frame(store, [run_id])
@@ -103,51 +144,67 @@ def print_summary(store: Store, run_ids: list[str], *, width: int | None = None)
         noise_trials = prediction_trials(store, run.workload, trials)
         a = analyze(trials, run.config.get("lr_rule"), noise_trials)  # every derived table, computed once
         table = a.tradeoff
-        heads = ["batch", "samples/s [p25–p75]", "step time ± IQR", "peak mem", "steps→target [95% CI]",
-                 "samples→target", "wall-clock→target (est.)", "train time→target (measured)", "reached", "E(B)",
-                 "regime", "val/train metric", "status"]  # fmt: skip
+        heads = ["batch", "samples/s [p25–p75]" if wide else "samples\nper s",
+                 "step time ± IQR" if wide else "step\ntime", "peak mem",
+                 "steps→target [95% CI]" if wide else "steps to\ntarget", "samples→target",
+                 "wall-clock→target (est.)" if wide else "time to\ntarget", "train time→target (measured)",
+                 "reached", "E(B)", "regime", "val/train metric", "status"]  # fmt: skip
         step_unit = select_unit(table["step_time_s"], TIME_UNITS)  # one unit for the column, from its values
+        wall_unit = select_unit(table["wallclock_to_target_s"], TIME_UNITS)
+        train_unit = select_unit(table["time_to_target_s"], TIME_UNITS)
         rows = []
         for r in table.itertuples():
             reached = "" if math.isnan(float(getattr(r, "reached_fraction", math.nan))) else f"{r.reached}/{r.seeds}"
             drift = (f"step time drifted in {int(r.drifted_trials)}/{int(r.throughput_ok)} trials"
                      if float(getattr(r, "drifted_trials", 0) or 0) > 0 else "")  # fmt: skip
-            statuses = ", ".join(
-                x
-                for x in (str(r.throughput_status or ""), str(r.statuses or ""), drift)
-                if x and x not in ("nan", "None", "ok")
-            )
             metric = (f"{format_number(r.final_val_metric, '{:.3f}')} / {format_number(r.final_train_metric, '{:.3f}')}"
                       if format_number(r.final_val_metric, "{:.3f}") else "")  # fmt: skip
+            if wide:
+                speed = format_spread(r.samples_per_s, r.samples_per_s_p25, r.samples_per_s_p75)
+                step = (
+                    f"{format_seconds(r.step_time_s, step_unit, 4)} ± {format_seconds(r.step_time_iqr_s, step_unit, 2)}"
+                    if format_number(r.step_time_s) and format_number(r.step_time_iqr_s)
+                    else ""
+                )
+                steps = _ci(r, "steps_to_target", "{:,.0f}")
+            else:
+                speed = format_spread(r.samples_per_s, None, None)
+                step = format_seconds(r.step_time_s, step_unit, 3) if format_number(r.step_time_s) else ""
+                steps = format_number(r.steps_to_target, "{:,.0f}")
             rows.append(
                 [
                     str(r.batch_size),
-                    format_spread(r.samples_per_s, r.samples_per_s_p25, r.samples_per_s_p75),
-                    (
-                        f"{format_seconds(r.step_time_s, step_unit, 4)} ± "
-                        f"{format_seconds(r.step_time_iqr_s, step_unit, 2)}"
-                        if format_number(r.step_time_s) and format_number(r.step_time_iqr_s)
-                        else ""
-                    ),
+                    speed,
+                    step,
                     format_bytes(r.peak_mem_bytes),
-                    _ci(r, "steps_to_target", "{:,.0f}"),
+                    steps,
                     format_number(r.samples_to_target),
-                    format_seconds(r.wallclock_to_target_s),
-                    format_seconds(r.time_to_target_s),
+                    format_seconds(r.wallclock_to_target_s, wall_unit, 3),
+                    format_seconds(r.time_to_target_s, train_unit, 3),
                     reached,
                     format_number(r.scaling_efficiency, "{:.2f}"),
                     r.regime if isinstance(r.regime, str) else "",
                     metric,
-                    statuses or "ok",
+                    _status_text(r, drift),
                 ]
             )
         keep = [i for i in range(len(heads)) if i == 0 or any(row[i] for row in rows)]  # drop all-empty columns
-        t = Table(title=f"{run.workload} — run {run_id} ({run.environment.get('device_name', '')})")
+        if not wide:
+            keep = [i for i in keep if heads[i] not in _WIDE_ONLY]
+        title = f"{run.workload} — run {run_id} ({run.environment.get('device_name', '')})"
+        t = (
+            Table(title=title)
+            if wide
+            else Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+        )
         for i in keep:
-            t.add_column(heads[i], justify="left" if heads[i] in ("regime", "status") else "right")
+            left = heads[i] in ("regime", "status")
+            t.add_column(heads[i], justify="left" if left else "right", no_wrap=heads[i] != "status")
         for row in rows:
             t.add_row(*(row[i] for i in keep))
         console.print(t)
+        if not wide:
+            console.print("time to target = steps to target x step time (est.); more columns: --wide")
         disagree = table[table["time_estimate_disagrees"].astype(bool)]
         if len(disagree):
             ratios = ", ".join(f"B={int(r.batch_size)} {r.time_to_target_ratio:.2f}x" for r in disagree.itertuples())
@@ -256,6 +313,70 @@ def print_prediction(store: Store, run_id: str, *, width: int | None = None) -> 
     console.print("what this prediction cannot know:")
     for c in CAVEATS:
         console.print(f"- {c}", highlight=False)
+
+
+def config_summary(config: dict[str, Any]) -> str:
+    """A run's settings in one short line: ``kinds, device, amp, LR rule, target`` (what tells runs apart)."""
+    engine = config.get("engine") or {}
+    conv = config.get("convergence") or {}
+    parts = [
+        "+".join(config.get("kinds") or []) or "?",
+        str(engine.get("device", "?")),
+        f"amp {engine.get('amp', 'off')}",
+    ]
+    if engine.get("compile"):
+        parts.append("compile")
+    if config.get("lr_rule"):
+        parts.append(f"lr {config['lr_rule']}" + (f" tune {config['tune_lr']}" if config.get("tune_lr") else ""))
+    if conv.get("target") is not None:
+        parts.append(f"target {conv['target']:g}")
+    if config.get("source"):
+        parts.append(str(config["source"]))
+    return ", ".join(parts)
+
+
+def print_runs(store: Store) -> None:
+    """``bsprof runs``: one line per run, oldest first (id, workload, created, trials, settings)."""
+    import datetime
+
+    counts = store.trial_counts()
+    runs = store.runs()
+    latest = set(store.latest_run_ids())
+    rows = [
+        (
+            r.run_id,
+            r.workload,
+            datetime.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M"),
+            str(counts.get(r.run_id, 0)),
+            config_summary(r.config) + ("  (latest: shown by default)" if r.run_id in latest else ""),
+        )
+        for r in runs
+    ]
+    heads = ("run", "workload", "created", "trials", "settings")
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads[:-1])]
+    for row in [heads, *rows]:
+        print("  ".join(c.ljust(w) if i != 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))), row[-1])
+
+
+def run_note(store: Store, run_ids: list[str], *, chosen: bool) -> str | None:
+    """Which runs are shown and how many others the store holds for the same workloads (``None``: no others)."""
+    shown = set(run_ids)
+    workloads = {store.run(r).workload for r in run_ids}
+    others = [r for r in store.runs() if r.workload in workloads and r.run_id not in shown]
+    if not others:
+        return None
+    how = "the runs asked for" if chosen else "the latest run per workload"
+    return (
+        f"showing {how} ({', '.join(run_ids)}); the store holds {len(others)} other run(s) of "
+        f"{', '.join(sorted(workloads))}: `bsprof runs` lists them, --run ID picks one"
+    )
+
+
+def print_run_note(store: Store, run_ids: list[str], *, chosen: bool) -> None:
+    """Print :func:`run_note` when there is one."""
+    note = run_note(store, run_ids, chosen=chosen)
+    if note:
+        print(note)
 
 
 def _change_text(c: Any) -> str:

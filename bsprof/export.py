@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bsprof.errors import BadInput
+from bsprof.files import write_atomic
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -118,7 +119,7 @@ def write_export(frame: pd.DataFrame, fmt: str, out: str | Path | None) -> str |
             import pyarrow  # noqa: F401
         except ImportError:
             raise BadInput("--format parquet needs pyarrow: pip install 'bsprof[parquet]'") from None
-        frame.to_parquet(out, index=False)
+        write_atomic(out, lambda tmp: frame.to_parquet(tmp, index=False), "--output")
         return None
     if fmt == "csv":
         text = frame.to_csv(index=False)
@@ -126,5 +127,5 @@ def write_export(frame: pd.DataFrame, fmt: str, out: str | Path | None) -> str |
         text = json.dumps(json.loads(frame.to_json(orient="records")), indent=1)
     if out is None:
         return text
-    Path(out).write_text(text, encoding="utf-8")
+    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"), "--output")
     return None

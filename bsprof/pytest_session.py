@@ -149,6 +149,14 @@ class BsprofSession:
         from bsprof.workload import load_workload
 
         workload = load_workload(options.workload_ref)
+        if options.store is not None:  # a file that is not a store (or not writable) fails now, before measuring
+            from bsprof.errors import BadInput
+            from bsprof.store import Store
+
+            try:
+                Store(options.store, create=True).close()
+            except BadInput as e:
+                raise BadInput(f"--bsprof-store: {e}") from None
         device, skip = None, None
         if options.device_spec.startswith("cuda") and not torch.cuda.is_available():
             skip = f"--bsprof-device {options.device_spec}: CUDA is not available on this host"

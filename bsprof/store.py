@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bsprof.errors import BadInput
+from bsprof.errors import BadInput, BsprofError
+from bsprof.files import WriteFailed
 from bsprof.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -140,7 +141,10 @@ class Store:
         if not self.path.exists():
             if not create:
                 raise BadInput(f"store not found: {self.path}")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise BadInput(f"cannot create the store's folder {self.path.parent}: {e.strerror or e}") from None
         elif self.path.is_dir():
             raise BadInput(f"store path is a directory, not a SQLite file: {self.path}")
         try:
@@ -151,12 +155,38 @@ class Store:
             self._conn.execute("PRAGMA busy_timeout = 60000")
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._check_or_init(create)
+            if create:
+                self._check_writable()
         except sqlite3.DatabaseError as e:
             self._conn.close()
-            raise BadInput(f"{self.path} is not a bsprof store (SQLite said: {e})") from None
-        except BadInput:
+            raise BadInput(self._unreadable(e)) from None
+        except BsprofError:
             self._conn.close()
             raise
+
+    def _unreadable(self, e: sqlite3.DatabaseError) -> str:
+        """Why the file cannot be used: not an SQLite file at all, a damaged one, or not writable."""
+        if isinstance(e, sqlite3.OperationalError) and _is_write_failure(e):
+            return f"store {self.path} cannot be written (SQLite said: {e}); check its permissions and free space"
+        try:
+            with self.path.open("rb") as f:
+                header = f.read(16)
+        except OSError:
+            header = b""
+        if header == b"SQLite format 3\x00":
+            return (
+                f"store {self.path} is damaged (SQLite said: {e}); restore it from a copy, or salvage it with "
+                f"`sqlite3 {self.path} .recover`"
+            )
+        return f"{self.path} is not a bsprof store: not an SQLite file (SQLite said: {e})"
+
+    def _check_writable(self) -> None:
+        """Refuse a store this process cannot write, before any trial runs (a write rolled back)."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('write_probe', '1')")
+        finally:
+            self._conn.execute("ROLLBACK")
 
     def _check_or_init(self, create: bool) -> None:
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -233,6 +263,10 @@ class Store:
         """All runs, oldest first."""
         ids = [r[0] for r in self._conn.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]
         return [self.run(i) for i in ids]
+
+    def trial_counts(self) -> dict[str, int]:
+        """Trials stored per run id (runs without trials are absent)."""
+        return dict(self._conn.execute("SELECT run_id, COUNT(*) FROM trials GROUP BY run_id").fetchall())
 
     def latest_run_ids(self) -> list[str]:
         """The most recent run of each workload."""
@@ -475,5 +509,25 @@ class _Transaction:
         self._conn.execute("BEGIN IMMEDIATE")
         return self._conn
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+    def __exit__(self, exc_type: object, exc: object, *rest: object) -> None:
+        if exc_type is None:
+            try:
+                self._conn.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as e:
+                exc = e
+        if self._conn.in_transaction:  # a COMMIT that failed may have ended the transaction already
+            self._conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.OperationalError) and _is_write_failure(exc):
+            raise WriteFailed(
+                f"cannot write to the store: {exc} (what was stored before is kept; free space or fix the "
+                "permissions, then run the same command again)"
+            ) from None
+        if isinstance(exc, sqlite3.OperationalError) and exc_type is None:
+            raise exc
+
+
+def _is_write_failure(e: sqlite3.OperationalError) -> bool:
+    """A write refused by the file system (full disk, read-only file or folder, I/O error)."""
+    text = str(e).lower()
+    return any(s in text for s in ("full", "readonly", "read-only", "disk i/o", "unable to open"))

@@ -80,6 +80,8 @@ class Workload(ABC):
         base_batch_size: Batch size (samples) at which ``base_lr`` was tuned.
         max_lr: Cap applied by LR scaling rules, or ``None`` for no cap.
         eval_batch_size: Batch size (samples) used for evaluation; independent of the swept size.
+        metric_range: The metric's possible values ``(low, high)`` (``(0, 1)`` for an accuracy; ``(0, inf)``
+            for a mean squared error), or ``None`` when unknown; a ``--target`` outside it is refused.
         metric_is_mean: ``True`` when :meth:`metric` is a mean over examples, so it may be computed per
             evaluation batch and averaged weighted by batch size; ``False`` to have it computed once over the
             whole split (R², AUC, F1, perplexity).
@@ -95,6 +97,7 @@ class Workload(ABC):
     max_lr: float | None = None
     eval_batch_size: int = 1024
     metric_is_mean: bool = True
+    metric_range: tuple[float, float] | None = None
 
     @abstractmethod
     def build_model(self, seed: int) -> nn.Module:
@@ -137,13 +140,20 @@ class Workload(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def _raised(e: BaseException) -> str:
+    """``SystemExit: sys.exit(3) called`` / ``ValueError: msg``: what a plug-in raised, in one line."""
+    if isinstance(e, SystemExit):
+        return f"SystemExit: the plug-in called sys.exit({e.code!r})"
+    return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
 def _from_module(module_name: str, attr: str) -> Callable[[], object]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise BadInput(f"cannot import workload module {module_name!r}: {e}") from e
-    except Exception as e:  # the plug-in's own code raised while importing
-        raise BadInput(f"importing workload module {module_name!r} failed: {type(e).__name__}: {e}") from e
+    except (Exception, SystemExit) as e:  # the plug-in's own code raised (or called sys.exit) while importing
+        raise BadInput(f"importing workload module {module_name!r} failed: {_raised(e)}") from e
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -161,9 +171,9 @@ def _from_file(path: Path, attr: str) -> Callable[[], object]:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a plug-in calling sys.exit() at import is a bad workload too
         sys.modules.pop(module_name, None)
-        raise BadInput(f"importing workload file {path} failed: {type(e).__name__}: {e}") from e
+        raise BadInput(f"importing workload file {path} failed: {_raised(e)}") from e
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -208,8 +218,8 @@ def load_workload(spec: str | Workload) -> Workload:
             workload = factory()
         except BadInput:
             raise
-        except Exception as e:
-            raise BadInput(f"workload factory {spec!r} raised {type(e).__name__}: {e}") from e
+        except (Exception, SystemExit) as e:
+            raise BadInput(f"workload factory {spec!r} raised {_raised(e)}") from e
     else:
         raise BadInput(f"workload {spec!r} is neither a Workload nor a callable returning one")
     if not isinstance(workload, Workload):

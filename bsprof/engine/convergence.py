@@ -119,6 +119,10 @@ def evaluate(model: torch.nn.Module, workload: Workload, split: Split) -> float:
     averaged weighted by batch size; any other gets one call over the concatenated outputs and targets of
     every batch.
     """
+    from bsprof.errors import MeasurementFailed
+
+    if len(split) == 0:
+        raise MeasurementFailed(f"workload {workload.name}: the evaluation split is empty (no example to score)")
     model.eval()
     weighted: list[float] = []
     outputs: list[torch.Tensor] = []
@@ -132,8 +136,12 @@ def evaluate(model: torch.nn.Module, workload: Workload, split: Split) -> float:
                 outputs.append(model(x))
     model.train()
     if workload.metric_is_mean:
-        return math.fsum(weighted) / len(split)
-    return float(workload.metric(torch.cat(outputs), split.targets))
+        value = math.fsum(weighted) / len(split)
+    else:
+        value = float(workload.metric(torch.cat(outputs), split.targets))
+    if math.isnan(value):
+        raise MeasurementFailed(f"workload {workload.name}: its metric {workload.metric_name} returned NaN")
+    return value
 
 
 def _grad_norm(model: torch.nn.Module, workload: Workload, probe: Split) -> float:

@@ -37,11 +37,12 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
+        index_text = spec.partition(":")[2]
+        if spec != "cuda" and not index_text.isdigit():  # a malformed name first, whatever the host has
+            raise BadInput(f"bad device {spec!r}: expected cuda:N with N an integer")
         if not torch.cuda.is_available():
             raise BadInput(f"device {spec!r} asked for, but CUDA is not available here (use --device cpu or auto)")
-        index_text = spec.partition(":")[2] or str(torch.cuda.current_device())
-        if not index_text.isdigit():
-            raise BadInput(f"bad device {spec!r}: expected cuda:N with N an integer")
+        index_text = index_text or str(torch.cuda.current_device())
         index = int(index_text)
         if index >= torch.cuda.device_count():
             raise BadInput(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) visible")

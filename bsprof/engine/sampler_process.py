@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from bsprof.engine.samplers import GpuSampler, HostSampler, NullGpu, poll
@@ -65,7 +67,12 @@ class SamplerUnavailable(RuntimeError):
 
 def _sampler_main(conn: Any, parent_pid: int) -> None:
     """The sampler process: waits for a window, polls the parent's host readings and its own GPU sampler
-    at the window's rate until told to stop, then sends the rows back. Exits when the parent goes."""
+    at the window's rate until told to stop, then sends the rows back. Exits when the parent goes.
+
+    Ctrl-C is the parent's to handle: the child ignores SIGINT (the terminal sends it to the whole process
+    group), so it neither prints a ``KeyboardInterrupt`` traceback nor dies under the parent; the parent
+    ends it (``exit`` message, closed pipe, or as a daemon when the parent exits)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     host = HostSampler(pid=parent_pid)
     while True:
         try:
@@ -139,6 +146,22 @@ def _start_without_main(proc: Any) -> None:
         mp_spawn.get_preparation_data = original  # type: ignore[assignment]
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process while a child is started (so the child starts ignoring it, before its
+    own code runs); a no-op outside the main thread, where signal handlers cannot be changed."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class SamplerProcess:
     """A sampler process (multiprocessing ``spawn``: no fork of a process with torch's threads), started on
     first use and reused by every window until :meth:`close`.
@@ -176,7 +199,8 @@ class SamplerProcess:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_sampler_main, args=(child, os.getpid()), name="bsprof-sampler", daemon=True)
-        _start_without_main(proc)
+        with _sigint_ignored():  # inherited by the child from its first instruction (see _sampler_main)
+            _start_without_main(proc)
         child.close()
         self._proc, self._conn = proc, parent
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bsprof.errors import BadInput
+from bsprof.files import write_atomic
 
 if TYPE_CHECKING:
     from bsprof.report.data import ReportData
@@ -286,12 +287,6 @@ def write_report(
     sections = build_sections(data, hint)
     workloads = ", ".join(dict.fromkeys(r.workload for r in data.runs))
     html, n_charts = render_html(data, sections, title=f"bsprof report: {workloads}", source=str(store_path))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as e:
-        raise BadInput(f"cannot write the report to {out}: {e.strerror or e}") from None
+    write_atomic(out, lambda tmp: tmp.write_text(html, encoding="utf-8"), "report", create_parent=True)
     empty = tuple(s.title for s in sections if not s.charts and s.notes)
     return ReportInfo(out, n_charts, out.stat().st_size, time.perf_counter() - t0, empty)

@@ -238,6 +238,7 @@ class Cifar10ResNet(Workload):
     name = "cifar10-resnet"
     description = "CIFAR-10 (local binary files), ResNet-20, SGD+momentum+wd, target val accuracy 0.80"
     metric_name = "accuracy"
+    metric_range = (0.0, 1.0)
     higher_is_better = True
     target = 0.80
     base_lr = 0.1

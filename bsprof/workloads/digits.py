@@ -39,6 +39,7 @@ def digits_splits() -> tuple[Split, Split]:
 
 class _Digits(Workload):
     metric_name = "accuracy"
+    metric_range = (0.0, 1.0)
     higher_is_better = True
     target = 0.95
     eval_batch_size = 4096

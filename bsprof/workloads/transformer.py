@@ -107,6 +107,7 @@ class SyntheticTransformer(Workload):
     name = "synthetic-transformer"
     description = "small decoder-only transformer on random tokens, AdamW; throughput only (no target)"
     metric_name = "token_accuracy"
+    metric_range = (0.0, 1.0)
     higher_is_better = True
     target = None
     base_lr = 1e-3
