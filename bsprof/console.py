@@ -119,7 +119,7 @@ def print_summary(
     Args:
         store: The store.
         run_ids: The runs to show, one table each.
-        width: Console width in columns (default: the terminal's; 220 when not a terminal and ``wide``,
+        width: Console width in columns (default: the terminal's; 260 when not a terminal and ``wide``,
             else 100).
         wide: Every column, with spreads and confidence intervals; the default leaves those out so that the
             table fits 100 columns.
@@ -134,7 +134,7 @@ def print_summary(
     from bsprof.noise_analysis import prediction_trials
 
     if console is None:  # on a terminal rich fits the table to its width; in a log file, a fixed width
-        console = Console(width=width or (None if sys.stdout.isatty() else (220 if wide else 100)))
+        console = Console(width=width or (None if sys.stdout.isatty() else (260 if wide else 100)))
     for run_id in run_ids:
         run = store.run(run_id)
         trials = trials_frame(store, [run_id])

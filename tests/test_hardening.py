@@ -271,10 +271,12 @@ def test_nan_metric_and_empty_validation_split_are_clear_trial_errors(
     assert [row["status"] for row in rows] == ["error"] and message in rows[0]["error"]
 
 
-def test_batch_larger_than_the_training_set_is_warned(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+def test_batch_larger_than_the_training_set_is_warned(
+    cli: Callable[..., CliResult], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     r = cli("sweep", "-w", TINY, "-b", "8,128", *THROUGHPUT, *FAST, "--store", tmp_path / "s.db")
     assert r.code == 0, r.err
-    assert "batch size(s) 128 exceed the 64 training examples" in r.err
+    assert "batch size(s) 128 exceed the 64 training examples" in r.err + caplog.text
 
 
 # --- runs that hide each other -----------------------------------------------------------------------------------
@@ -316,7 +318,7 @@ def test_default_sweep_summary_fits_100_columns_without_wrapping(stored: Path) -
 
 def test_wide_summary_has_every_column(cli: Callable[..., CliResult], stored: Path) -> None:
     r = cli("summary", "--store", stored, "--wide")
-    assert r.code == 0 and "steps→target [95% CI]" in r.out and "val/train metric" in r.out
+    assert r.code == 0 and "95% CI" in r.out and "val/train" in r.out and "measured" in r.out
 
 
 def test_status_cell_names_the_trial_kind() -> None:
