@@ -360,11 +360,10 @@ def print_runs(store: Store) -> None:
 
 def run_note(store: Store, run_ids: list[str], *, chosen: bool) -> str | None:
     """Which runs are shown and how many others the store holds for the same workloads (``None``: no others)."""
-    shown = set(run_ids)
-    workloads = {store.run(r).workload for r in run_ids}
-    others = [r for r in store.runs() if r.workload in workloads and r.run_id not in shown]
+    others = store.other_runs(run_ids)
     if not others:
         return None
+    workloads = {store.run(r).workload for r in run_ids}
     how = "the runs asked for" if chosen else "the latest run per workload"
     return (
         f"showing {how} ({', '.join(run_ids)}); the store holds {len(others)} other run(s) of "

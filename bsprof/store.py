@@ -264,6 +264,13 @@ class Store:
         ids = [r[0] for r in self._conn.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]
         return [self.run(i) for i in ids]
 
+    def other_runs(self, run_ids: Iterable[str]) -> list[RunRecord]:
+        """The runs not in ``run_ids`` of the workloads those runs measured, oldest first (what a view of
+        ``run_ids`` hides)."""
+        shown = set(run_ids)
+        workloads = {self.run(r).workload for r in shown}
+        return [r for r in self.runs() if r.workload in workloads and r.run_id not in shown]
+
     def trial_counts(self) -> dict[str, int]:
         """Trials stored per run id (runs without trials are absent)."""
         return dict(self._conn.execute("SELECT run_id, COUNT(*) FROM trials GROUP BY run_id").fetchall())

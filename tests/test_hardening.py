@@ -335,3 +335,53 @@ def test_sub_millisecond_time_to_target_gets_a_unit_from_the_data() -> None:
 
     unit = select_unit([2e-4, 5e-4, 9e-4], TIME_UNITS)
     assert format_seconds(4e-4, unit, 3) == "400 µs"
+
+
+# --- the report: which run, commands a plug-in user can paste ---------------------------------------------------
+
+
+def test_report_names_the_run_shown_and_suggests_commands_for_the_plugin(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    import html
+
+    store = tmp_path / "my store.db"
+    r = cli("sweep", "-w", TINY, "-b", "8", *THROUGHPUT, *FAST, "--store", store)
+    assert r.code == 0, r.err
+    r = cli("sweep", "-w", TINY, "-b", "8", *THROUGHPUT, *FAST, "--fresh", "--store", store)
+    assert r.code == 0, r.err
+    out = tmp_path / "r.html"
+    assert cli("report", "--store", store, "-o", out).code == 0
+    text = html.unescape(out.read_text(encoding="utf-8"))
+    assert "1 other run(s)" in text and "bsprof runs" in text
+    assert f"--workload {TINY}" in text  # the reference as given, not the workload's name
+    assert f"--store '{store}'" in text  # shell-quoted: the path has a space
+    assert "--workload tiny " not in text
+
+
+def test_pytest_bsprof_store_that_is_not_a_store_fails_at_session_start(tmp_path: Path) -> None:
+    from bsprof.errors import BadInput
+    from bsprof.pytest_plugin import parse_options
+    from bsprof.pytest_session import BsprofSession
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a store\n" * 100, encoding="utf-8")
+    before = _sha(bad)
+    options = parse_options(lambda s: {"workload": TINY, "store": str(bad)}.get(s), environ={})
+    with pytest.raises(BadInput, match=r"--bsprof-store: .*not a bsprof store"):
+        BsprofSession.start(options)
+    assert _sha(bad) == before
+
+
+def test_keskar_is_cited_for_higher_is_better_metrics_only() -> None:
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from bsprof.report.sections_accuracy import _keskar
+
+    frame = pd.DataFrame({"run": ["acc", "mse"], "higher_is_better": [True, False]})
+    d = SimpleNamespace(trials=frame)
+    assert "Keskar" in _keskar(d, "acc")  # type: ignore[arg-type]
+    assert _keskar(d, "mse") == ""  # type: ignore[arg-type]
+    assert _keskar(SimpleNamespace(trials=frame.drop(columns="higher_is_better")), "acc") == ""  # type: ignore[arg-type]

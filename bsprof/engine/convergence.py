@@ -331,6 +331,7 @@ def _train(
     metrics: dict[str, Any] = {
         "reached_target": reached is not None,
         "target": target,
+        "higher_is_better": workload.higher_is_better,
         "steps_to_target": reached["step"] if reached else None,
         "samples_to_target": reached["samples"] if reached else None,
         "epochs_to_target": reached["epochs"] if reached else None,

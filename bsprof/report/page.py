@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import tempfile
 import time
 from collections.abc import Sequence
@@ -257,6 +258,26 @@ def _inline_code(text: str) -> Any:
     return Markup(re.sub(r"`([^`]+)`", lambda m: f"<code>{m.group(1).strip()}</code>", str(escape(text))))
 
 
+def _other_runs(store: Store | str | Path, run_ids: list[str]) -> list[Any]:
+    from bsprof.store import Store
+
+    if isinstance(store, Store):
+        return store.other_runs(run_ids)
+    with Store(store) as st:
+        return st.other_runs(run_ids)
+
+
+def command_hint(data: ReportData, store_path: Path) -> str:
+    """The options that make a suggested ``bsprof`` command act on the report's runs, shell-quoted:
+    ``--workload REF`` when the report shows one workload (its reference as given, e.g. a plug-in's
+    ``file.py:factory``) and ``--store PATH`` unless it is the default store."""
+    refs = {str(r.config.get("workload_ref") or r.workload) for r in data.runs}
+    parts = ["--workload", refs.pop()] if len(refs) == 1 else []
+    if store_path != Path("reports/bsprof.db"):
+        parts += ["--store", str(store_path)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def write_report(
     store: Store | str | Path,
     out: str | Path = DEFAULT_REPORT,
@@ -283,8 +304,15 @@ def write_report(
         raise BadInput(f"report output {out} is a directory; give a file name such as {out / 'index.html'}")
     data = report_data(store, run_ids, benchmark_json)
     store_path = Path(getattr(store, "path", store))
-    hint = "" if store_path == Path("reports/bsprof.db") else f"--store {store_path}"
-    sections = build_sections(data, hint)
+    sections = build_sections(data, command_hint(data, store_path))
+    others = _other_runs(store, [r.run_id for r in data.runs])
+    if others:
+        shown = ", ".join(f"{r.run_id} ({r.workload})" for r in data.runs)
+        sections[0].sentences.append(
+            f"This report shows run(s) {shown}{'' if run_ids else ', the latest per workload'}; the store holds "
+            f"{len(others)} other run(s) of the same workload(s) ({', '.join(r.run_id for r in others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}): `bsprof runs` lists them and `bsprof report --run ID` shows one."
+        )
     workloads = ", ".join(dict.fromkeys(r.workload for r in data.runs))
     html, n_charts = render_html(data, sections, title=f"bsprof report: {workloads}", source=str(store_path))
     write_atomic(out, lambda tmp: tmp.write_text(html, encoding="utf-8"), "report", create_parent=True)

@@ -8,6 +8,7 @@ Text is plain: the template escapes it; text between backticks is shown as code.
 from __future__ import annotations
 
 import math
+import shlex
 from typing import TYPE_CHECKING
 
 from bsprof.report import charts
@@ -127,7 +128,10 @@ def _max_batch_text(d: ReportData, workload: str, device: str) -> str:
         ooms = tp[tp["status"].astype(str).str.contains("oom")]["batch_size"] if len(tp) else []
         if len(ooms):
             return f"below B={int(min(ooms))} (out of memory in the sweep)"
-        return f"not measured (`bsprof find-max-batch --workload {workload} --device {device}`)"
+        ref = next(
+            (str(r.config.get("workload_ref") or r.workload) for r in d.runs if r.workload == workload), workload
+        )
+        return f"not measured (`bsprof find-max-batch --workload {shlex.quote(ref)} --device {shlex.quote(device)}`)"
     r = mb.iloc[-1]
     if r["max_batch_size"] is None or (isinstance(r["max_batch_size"], float) and math.isnan(r["max_batch_size"])):
         return "even the smallest batch tried ran out of memory"

@@ -220,7 +220,7 @@ def generalization_section(d: ReportData, store_hint: str) -> Section:
                 f"{run_prefix(run, many)}The gap between final train and validation metric ranges from {r.min_gap:.3f} "
                 f"(B={int(r.min_gap_batch_size)}) to {r.max_gap:.3f} (B={int(r.max_gap_batch_size)}) and "
                 f"{trends.get(r.trend, 'shows no clear trend with the batch size')} "
-                f"(Spearman ρ = {r.rho:.2f}; Keskar et al. 2016 report larger gaps for large batches)."
+                f"(Spearman ρ = {r.rho:.2f}{_keskar(d, run)})."
             )
     fs = d.final_state
     for run, g in by_run(fs, d):
@@ -277,3 +277,13 @@ def lr_section(d: ReportData, store_hint: str) -> Section:
             s.sentences.append(text + ".")
     s.chart("lr", lambda: charts.lr_sensitivity_chart(t))
     return s
+
+
+def _keskar(d: ReportData, run: str) -> str:
+    """The Keskar et al. reference, for a higher-is-better metric only (their larger large-batch gaps are in
+    accuracy); nothing for a lower-is-better metric (an MSE) or when the store does not say (older stores)."""
+    t = d.trials
+    if "higher_is_better" not in t.columns:
+        return ""
+    v = t.loc[t["run"] == run, "higher_is_better"].dropna()
+    return "; Keskar et al. 2016 report larger gaps for large batches" if len(v) and bool(v.iloc[0]) else ""
