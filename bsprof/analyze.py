@@ -19,6 +19,7 @@ import numpy as np
 from bsprof import analysis
 from bsprof.analysis import Fits, NoiseScaleFit
 from bsprof.noise_analysis import CriticalBatch, critical_batches, noise_scale_table, steps_prediction_table
+from bsprof.stability import stability_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,6 +66,7 @@ class Analysis:
             (:func:`bsprof.noise_analysis.critical_batches`).
         noise_scale: :func:`bsprof.noise_analysis.noise_scale_table`.
         steps_prediction: :func:`bsprof.noise_analysis.steps_prediction_table`.
+        stability: :func:`bsprof.stability.stability_table` (busy / unstable / stable per batch size).
     """
 
     throughput: pd.DataFrame
@@ -77,6 +79,7 @@ class Analysis:
     critical_batches: tuple[CriticalBatch, ...] = ()
     noise_scale: pd.DataFrame | None = None
     steps_prediction: pd.DataFrame | None = None
+    stability: pd.DataFrame | None = None
 
 
 def analyze(trials: pd.DataFrame, lr_rule: str | None = None, noise_trials: pd.DataFrame | None = None) -> Analysis:
@@ -107,6 +110,7 @@ def analyze(trials: pd.DataFrame, lr_rule: str | None = None, noise_trials: pd.D
         critical_batches=tuple(critical),
         noise_scale=noise_scale_table(gns_trials),
         steps_prediction=steps_prediction_table(critical, conv, tp),
+        stability=stability_table(trials),
     )
 
 

@@ -64,6 +64,10 @@ def throughput_extra_info(result: TrialResult, *, warmup_rounds: int) -> dict[st
     # Process CPU use over the window (percent of one core). On the CPU, well below 100 x threads means other
     # processes of this machine took the core for part of the time; a hypervisor's stolen time does not show.
     out["cpu_pct_mean"] = result.extra.cpu_pct_mean
+    load = result.extra.host_load  # bsprof.engine.host_load: `bsprof compare` refuses busy benchmarks
+    out["host_busy"] = load.busy if load is not None else None
+    if load is not None and load.busy:
+        out["host_busy_reason"] = "; ".join(load.busy_reasons)
     out["step_times_s"] = list(times.step_times_s)
     return out
 

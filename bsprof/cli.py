@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from bsprof.commands import (
+    cmd_check,
     cmd_compare,
     cmd_export,
     cmd_find_max_batch,
@@ -101,7 +102,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=_positive(int),
-        help="torch CPU threads (default: torch's choice; on a shared host fewer threads than cores is steadier)",
+        help="torch CPU threads (default: 1 on the CPU, steady when other processes run: README, 'Noisy hosts')",
     )
     p.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
 
@@ -168,6 +169,13 @@ def build_parser() -> _Parser:
         dest="skip_larger",
         action="store_false",
         help="after an OOM, still try the larger batch sizes",
+    )
+    sw.add_argument(
+        "--remeasure",
+        type=int,
+        default=2,
+        metavar="N",
+        help="measure a throughput trial taken on a busy host again, up to N times (default: 2; README, 'Noisy hosts')",
     )
     tg = sw.add_argument_group("throughput trials")
     tg.add_argument(
@@ -347,7 +355,8 @@ def build_parser() -> _Parser:
         "steps-to-target and peak memory. Exit 1 when one got worse by more than --fail-above and the one-sided "
         "Mann-Whitney test says so at --alpha, when peak memory grew by more than --mem-fail-above, or when a "
         "baseline benchmark is missing or out of memory in NEW; 0 otherwise; 2 on bad or corrupt input and on "
-        "results from a different torch/CUDA/device (unless --allow-env-mismatch).",
+        "results from a different torch/CUDA/device (unless --allow-env-mismatch); 3 when a benchmark was measured on "
+        "a busy host (unless --allow-busy).",
     )
     cp.add_argument("baseline", help="the reference: pytest-benchmark JSON (--benchmark-json) or a bsprof store")
     cp.add_argument("new", help="the results under test, of the same kind")
@@ -363,6 +372,21 @@ def build_parser() -> _Parser:
         action="store_true",
         help="compare results from a different torch/CUDA version or device (refused by default: exit 2)",
     )
+    cp.add_argument(
+        "--allow-busy",
+        action="store_true",
+        help="judge benchmarks measured on a busy host (refused by default: exit 3; README, 'Noisy hosts')",
+    )
+
+    ck = sub.add_parser(
+        "check",
+        help="the host's state before a sweep, and what to change",
+        description="Sample the host for a moment: other processes' CPU use, the run queue, steal time, the CPU "
+        "frequency governor and, per GPU, persistence mode, clocks, throttle reasons and other processes; print "
+        "what to change before a sweep. Exit 3 when the host is busy for a trial of --threads threads, else 0.",
+    )
+    ck.add_argument("--threads", type=_positive(int), default=1, help="threads a trial would use (default: 1)")
+    ck.add_argument("--interval", type=_positive(float), default=1.0, help="seconds to sample the host (default: 1)")
 
     fm = sub.add_parser(
         "find-max-batch",
@@ -416,6 +440,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "report": cmd_report,
     "compare": cmd_compare,
+    "check": cmd_check,
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from bsprof.errors import BadInput
 
 __all__ = [
+    "cmd_check",
     "cmd_compare",
     "cmd_export",
     "cmd_find_max_batch",
@@ -46,10 +47,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         os.environ["BSPROF_CIFAR10_DIR"] = str(args.data_dir)
     workload = load_workload(args.workload)
     device = resolve_device(args.device)
-    if args.threads:
+    threads = args.threads or (1 if device.type == "cpu" else None)  # README, "Noisy hosts"
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     timing_kwargs = {}
     if getattr(args, "min_time", None) is not None:
         from bsprof.engine.timing import TimingSettings
@@ -132,6 +134,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         base_lr=args.base_lr,
         tune_lr=args.tune_lr,
         skip_larger_after_oom=args.skip_larger,
+        remeasure_busy=max(0, getattr(args, "remeasure", 2)),
         convergence=_convergence_settings(args, workload),
     )
     executor, settings, follower_done = _executor(args, config, workload, settings)
@@ -419,7 +422,8 @@ def cmd_find_max_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """``bsprof compare``: 1 when a comparison fails the gate (regression, missing or OOM benchmark), else 0."""
+    """``bsprof compare``: 1 when a comparison fails the gate (regression, missing or OOM benchmark), 3 when a
+    benchmark was measured on a busy host (:class:`~bsprof.errors.BusyHost`), else 0."""
     from bsprof.cli import parse_fraction
     from bsprof.compare import compare_paths
     from bsprof.console import print_comparison
@@ -433,6 +437,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         mem_threshold=mem_threshold,
         allow_env_mismatch=args.allow_env_mismatch,
+        allow_busy=args.allow_busy,
     )
     print_comparison(comparisons, threshold=threshold, alpha=args.alpha, mem_threshold=mem_threshold)
     for w in warnings:
@@ -445,3 +450,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 1
     print(f"bsprof compare: no regression in {len(comparisons)} comparison(s)")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``bsprof check``: print the host's state and what to change; 3 when the host is busy, else 0."""
+    from bsprof.console import print_host_state
+    from bsprof.host_check import advice, read_host_state
+
+    state = read_host_state(interval_s=args.interval, threads=args.threads)
+    print_host_state(state, advice(state))
+    return 3 if state.load is not None and state.load.busy else 0

@@ -38,7 +38,7 @@ from typing import Any
 
 from bsprof.analysis import median_to_target
 from bsprof.compare_inputs import ENVIRONMENT_KEYS, MISSED, Result, load_result
-from bsprof.errors import BadInput
+from bsprof.errors import BadInput, BusyHost
 
 __all__ = [
     "ENVIRONMENT_KEYS",
@@ -213,6 +213,7 @@ def compare_paths(
     alpha: float = 0.05,
     mem_threshold: float = 0.10,
     allow_env_mismatch: bool = False,
+    allow_busy: bool = False,
 ) -> tuple[list[Comparison], list[str]]:
     """Compare every benchmark of the baseline with the new result; returns the comparisons and warnings.
 
@@ -229,8 +230,11 @@ def compare_paths(
         mem_threshold: Relative growth of peak memory that is a regression (0.10 = 10%).
         allow_env_mismatch: Compare results whose torch/CUDA version or device differ (stated as a warning)
             instead of refusing.
+        allow_busy: Compare benchmarks measured on a busy host (stated as a warning) instead of refusing.
 
     Raises:
+        BusyHost: A benchmark of either input was measured on a busy host (``host_busy``) and not
+            ``allow_busy`` (exit code 3).
         BadInput: Unreadable, corrupt or non-finite inputs, bad thresholds or alpha, no benchmark in common,
             or results from a different torch/CUDA/device without ``allow_env_mismatch``.
     """
@@ -240,7 +244,15 @@ def compare_paths(
     if not 0 < alpha < 1:
         raise BadInput(f"alpha must be in (0, 1), got {alpha}")
     base_r, new_r = load_result(baseline), load_result(new)
-    warnings = []
+    warnings: list[str] = []
+    busy = [f"{label}: {n} ({why})" for label, r in (("baseline", base_r), ("new", new_r)) for n, why in r.busy.items()]
+    if busy and not allow_busy:
+        raise BusyHost(
+            f"refusing to judge {len(busy)} benchmark(s) measured on a busy host, first {busy[0]}; re-run them on a "
+            "quiet host (`bsprof check`), or pass --allow-busy to compare anyway"
+        )
+    if busy:
+        warnings.append(f"{len(busy)} benchmark(s) measured on a busy host: differences may not be regressions")
     mismatch = environment_mismatch(base_r, new_r)
     if mismatch and not allow_env_mismatch:
         raise BadInput(f"refusing to compare results from different environments ({mismatch}); "

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class Result:
         environment: ``torch_version``, ``cuda_version`` (``None`` where unknown): compared strictly.
         threads: torch CPU threads, where recorded.
         config_hash: Hash of the run's configuration, where recorded.
+        busy: Benchmarks measured on a busy host (name -> why), which the gate refuses to judge.
     """
 
     samples: Samples
@@ -51,6 +52,7 @@ class Result:
     environment: dict[str, str | None]
     threads: str | None = None
     config_hash: str | None = None
+    busy: dict[str, str] = field(default_factory=dict)
 
 
 def _from_benchmark_json(path: Path) -> Result:
@@ -62,6 +64,7 @@ def _from_benchmark_json(path: Path) -> Result:
     peak: dict[str, float] = {}
     devices: dict[str, str] = {}
     threads: set[str] = set()
+    busy: dict[str, str] = {}
     for bench in doc.benchmarks:
         name, extra = bench.fullname, bench.extra_info
         status[name] = _status({str(extra.get("status") or "ok")})
@@ -73,6 +76,8 @@ def _from_benchmark_json(path: Path) -> Result:
             threads.add(str(int(extra["threads"])))
         if status[name] != "ok":
             continue
+        if extra.get("host_busy") is True:
+            busy[name] = str(extra.get("host_busy_reason") or "measured on a busy host")
         steps = extra.get("steps_to_target_per_seed")
         if steps:
             samples[(name, "steps_to_target")] = [math.inf if s is None else float(s) for s in steps]
@@ -91,7 +96,7 @@ def _from_benchmark_json(path: Path) -> Result:
     if info.get("threads") is not None:
         threads.add(str(info["threads"]))
     cfg = info.get("config_hash")
-    return Result(samples, status, peak, summary, devices, env, _joined(threads), str(cfg) if cfg else None)
+    return Result(samples, status, peak, summary, devices, env, _joined(threads), str(cfg) if cfg else None, busy)
 
 
 def _status(statuses: set[str]) -> str:
@@ -112,6 +117,7 @@ def _from_store(path: Path) -> Result:
     statuses: dict[str, set[str]] = {}
     peak: dict[str, float] = {}
     devices: dict[str, str] = {}
+    busy: dict[str, str] = {}
     with Store(path) as store:
         run_ids = store.latest_run_ids()
         runs = [store.run(r) for r in run_ids]
@@ -124,6 +130,9 @@ def _from_store(path: Path) -> Result:
             if row.get("peak_mem_bytes") is not None:
                 peak[name] = max(peak.get(name, 0.0), float(row["peak_mem_bytes"]))
             if row["kind"] == "throughput":
+                if row.get("host_busy") is True or row.get("host_busy") == 1:
+                    why = (row.get("extra") or {}).get("host_load", {}).get("busy_reasons") or ["busy host"]
+                    busy.setdefault(name, "; ".join(why))
                 st = row.get("step_times") or {}
                 blocks, per_block = st.get("block_times_s"), st.get("steps_per_block")
                 where = f"{path}: {name}: step times"
@@ -144,7 +153,7 @@ def _from_store(path: Path) -> Result:
     threads = _joined({str(e["torch_num_threads"]) for e in envs if e.get("torch_num_threads") is not None})
     machine = {e.get("hostname"): e.get("device_name") for e in envs}
     cfg = _joined({r.config_hash for r in runs})
-    return Result(samples, status, peak, machine, devices, env, threads, cfg)
+    return Result(samples, status, peak, machine, devices, env, threads, cfg, busy)
 
 
 def load_result(path: str | Path) -> Result:

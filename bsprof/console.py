@@ -153,6 +153,7 @@ def print_summary(
         wall_unit = select_unit(table["wallclock_to_target_s"], TIME_UNITS)
         train_unit = select_unit(table["time_to_target_s"], TIME_UNITS)
         rows = []
+        busy = {int(b) for b in a.stability.loc[a.stability["verdict"] == "busy", "batch_size"]}
         for r in table.itertuples():
             reached = "" if math.isnan(float(getattr(r, "reached_fraction", math.nan))) else f"{r.reached}/{r.seeds}"
             drift = (f"step time drifted in {int(r.drifted_trials)}/{int(r.throughput_ok)} trials"
@@ -185,7 +186,7 @@ def print_summary(
                     format_number(r.scaling_efficiency, "{:.2f}"),
                     r.regime if isinstance(r.regime, str) else "",
                     metric,
-                    _status_text(r, drift),
+                    _status_text(r, drift) + (" (busy host)" if int(r.batch_size) in busy else ""),
                 ]
             )
         keep = [i for i in range(len(heads)) if i == 0 or any(row[i] for row in rows)]  # drop all-empty columns
@@ -205,6 +206,7 @@ def print_summary(
         console.print(t)
         if not wide:
             console.print("time to target = steps to target x step time (est.); more columns: --wide")
+        _print_stability(console, a.stability)
         disagree = table[table["time_estimate_disagrees"].astype(bool)]
         if len(disagree):
             ratios = ", ".join(f"B={int(r.batch_size)} {r.time_to_target_ratio:.2f}x" for r in disagree.itertuples())
@@ -378,6 +380,18 @@ def print_run_note(store: Store, run_ids: list[str], *, chosen: bool) -> None:
         print(note)
 
 
+def _print_stability(console: Any, stability: Any) -> None:
+    """The stability banner: one line per batch size whose throughput is not to be trusted."""
+    bad = stability[stability["verdict"].isin(["busy", "unstable"])]
+    for r in bad.itertuples():
+        console.print(f"[bold yellow]{r.verdict.upper()}:[/bold yellow] B={r.batch_size}: {r.why}")
+    if (bad["verdict"] == "busy").any():
+        console.print(
+            "[yellow]the host was busy: these figures may be far too slow; run `bsprof check` and see README, "
+            "'Noisy hosts'[/yellow]"
+        )
+
+
 def _change_text(c: Any) -> str:
     """``+20.0%`` (and the throughput change for step times); ``missed`` when the new median missed the target."""
     if math.isnan(c.change):
@@ -441,3 +455,33 @@ def print_comparison(
             verdict,
         )
     Console(width=max(width, name_width + 125)).print(t)
+
+
+def print_host_state(state: Any, advice: list[str]) -> None:
+    """``bsprof check``'s output: the host's readings (a :class:`~bsprof.host_check.HostState`), then advice."""
+    load = state.load
+    if load is None:
+        print("host: CPU counters not readable (/proc/stat): contention cannot be detected here")
+    else:
+        steal = "n/a" if load.steal_pct is None else f"{load.steal_pct:.1f}%"
+        print(
+            f"host: {load.cpu_count} cores; other processes {load.other_cpu_cores or 0:.2f} cores busy; run queue "
+            f"{load.run_queue_mean or 0:.1f}; steal {steal}; load average (1 min) "
+            f"{'n/a' if state.load_avg_1m is None else f'{state.load_avg_1m:.2f}'}"
+        )
+    print(f"CPU frequency governor: {', '.join(state.governors) or 'not exposed by this kernel'}")
+    for g in state.gpus:
+        if g.reason is not None:
+            print(f"GPU {g.index}: not readable ({g.reason})")
+            continue
+        clock = "n/a" if g.sm_clock_hz is None else f"{g.sm_clock_hz / 1e6:.0f}"
+        top = "n/a" if g.max_sm_clock_hz is None else f"{g.max_sm_clock_hz / 1e6:.0f}"
+        print(
+            f"GPU {g.index} {g.name}: persistence mode {'n/a' if g.persistence_mode is None else g.persistence_mode}; "
+            f"SM clock {clock}/{top} MHz; throttle reasons {', '.join(g.throttle_reasons) or 'none'}; other "
+            f"processes {'n/a' if g.other_processes is None else g.other_processes}"
+        )
+    verdict = "busy" if load is not None and load.busy else "quiet"
+    print(f"verdict: {verdict}")
+    for line in advice:
+        print(f"- {line}")

@@ -55,6 +55,10 @@ class FakeDevice:
     """MIG mode: ``None`` disabled, else the GPU instances (their handles are ``(gpu index, slice index)``).
     A MIG slice's ``name`` is like ``"NVIDIA A100-SXM4-80GB MIG 1g.10gb"``; NVML reads no utilization, power
     or energy for one (NOT_SUPPORTED): build slices with ``gpu_util=None, power_mw=None, energy_mj=None``."""
+    persistence_mode: int = 1
+    """``nvmlDeviceGetPersistenceMode``: 1 enabled, 0 disabled."""
+    compute_pids: Source = field(default_factory=list)
+    """PIDs of the compute processes on the GPU (a list; a callable of time for a changing set)."""
     errors: dict[str, Callable[[int], int | None]] = field(default_factory=dict)
     """function name -> (call number -> NVML error code to raise, or None)."""
     served: dict[str, list[tuple[float, Any]]] = field(default_factory=dict)
@@ -195,6 +199,15 @@ class FakeNvml:
         """The pre-R535 name of the same reading (deprecated, still exported by newer drivers)."""
         self._symbol("nvmlDeviceGetCurrentClocksThrottleReasons")
         return self._serve(handle, "throttle", self._device(handle).throttle)
+
+    def nvmlDeviceGetPersistenceMode(self, handle: int) -> int:
+        return self._device(handle).persistence_mode
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:
+        """Like pynvml's: process infos with ``pid`` and ``usedGpuMemory`` (``None`` when NVML cannot say)."""
+        d = self._device(handle)
+        pids = d.compute_pids(time.perf_counter() - self.t0) if callable(d.compute_pids) else d.compute_pids
+        return [SimpleNamespace(pid=p, usedGpuMemory=None, gpuInstanceId=0xFFFFFFFF) for p in pids]
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: int) -> int:
         return self._serve(handle, "energy", self._device(handle).energy_mj)

@@ -17,6 +17,7 @@ key                    NVML call                                   vendor unit -
 ``throttle_reasons``   ``nvmlDeviceGetCurrentClocksEventReasons``  bit mask (see THROTTLE_REASONS)
                        (``...ThrottleReasons`` before R535)
 ``energy_counter_j``   ``nvmlDeviceGetTotalEnergyConsumption``     mJ -> J, since the sampler opened
+``gpu_other_processes`` ``nvmlDeviceGetComputeRunningProcesses``  count of other PIDs
 =====================  ==========================================  ==========================
 
 The energy counter (Volta and newer) is read in integer millijoules and accumulated as deltas, so a counter
@@ -232,7 +233,19 @@ class NvmlGpu:
         energy = self._read("energy_counter_j", self._energy_j)
         if energy is not None:
             row["energy_counter_j"] = energy
+        others = self._read("gpu_other_processes", self._other_processes)
+        if others is not None:
+            row["gpu_other_processes"] = float(others)
         return row
+
+    def _other_processes(self) -> int:
+        """Compute processes on this GPU other than the trainer (``nvmlDeviceGetComputeRunningProcesses``: a
+        list of process infos with ``pid`` and ``usedGpuMemory``). The trainer is this process, or, read from
+        the sampler process, its parent. Inside a container NVML may report host PIDs: then the trainer itself
+        counts as another process (README, "Noisy hosts")."""
+        procs = call(self.nvml.nvmlDeviceGetComputeRunningProcesses, self.handle)
+        ours = {os.getpid(), os.getppid()}
+        return sum(1 for p in procs if int(p.pid) not in ours)
 
     def child_spec(self) -> tuple[str, dict[str, Any]] | None:
         """``("bsprof.engine.nvml:open_nvml_gpu", kwargs)`` to open the same GPU in a sampler process

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bsprof.engine.host_load import HostLoad
+
 if TYPE_CHECKING:
     from bsprof.engine.timing import StepTimes
 
@@ -102,6 +104,9 @@ class TrialExtra:
         monitor_mode: ``process`` or ``thread`` (how the telemetry was polled).
         profile: The profiler pass, when one ran.
         skipped_after_oom: Recorded ``oom`` without running: a smaller batch size already ran out of memory.
+        host_load: What else the host did during the trial (:mod:`bsprof.engine.host_load`); ``busy`` marks
+            a trial measured on a busy host.
+        remeasures: How many times the trial was measured again because its host was busy.
     """
 
     source: str = "engine"
@@ -112,6 +117,8 @@ class TrialExtra:
     monitor_mode: str | None = None
     profile: ProfileInfo | None = None
     skipped_after_oom: bool = False
+    host_load: HostLoad | None = None
+    remeasures: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The store's flat JSON object (fields at their defaults are left out)."""
@@ -130,6 +137,10 @@ class TrialExtra:
                     out[key] = list(value) if isinstance(value, tuple) else value
         if self.skipped_after_oom:
             out["skipped_after_oom"] = True
+        if self.host_load is not None:
+            out["host_load"] = self.host_load.to_json()
+        if self.remeasures:
+            out["remeasures"] = self.remeasures
         return out
 
     @classmethod
@@ -173,6 +184,8 @@ class TrialExtra:
             monitor_mode=text("monitor_mode"),
             profile=profile,
             skipped_after_oom=d.get("skipped_after_oom") is True,
+            host_load=HostLoad.from_json(d.get("host_load")),
+            remeasures=d["remeasures"] if isinstance(d.get("remeasures"), int) else 0,
         )
 
 

@@ -1,7 +1,8 @@
 """What a monitor polls: the host sampler, the GPU sampler protocol and its null object.
 
 Samplers return plain dicts of SI values (bytes, watts, percent). The host sampler reads a process's
-resident set size (bytes), CPU percent and the system's used memory. GPU samplers implement
+resident set size (bytes), CPU percent and the system's used memory, and the host's CPU counters
+(:func:`~bsprof.engine.host_load.read_host_counters`: what else the host is doing). GPU samplers implement
 :class:`GpuSampler` (the NVML one lives in :mod:`bsprof.engine.nvml`); :class:`NullGpu` stands in (with its
 reason) when there is no GPU to read.
 """
@@ -13,6 +14,8 @@ import os
 import time
 from dataclasses import dataclass
 from typing import Protocol
+
+from bsprof.engine.host_load import read_host_counters
 
 __all__ = ["GpuSampler", "HostSampler", "NullGpu", "poll"]
 
@@ -123,9 +126,21 @@ class HostSampler:
             row["sys_mem_used_bytes"] = float(self._psutil.virtual_memory().used)
         return row
 
+    def counters(self) -> dict[str, float]:
+        """The host's CPU counters (:func:`~bsprof.engine.host_load.read_host_counters`) with the read process's
+        cumulative CPU seconds as ``own_cpu_s``; empty where ``/proc/stat`` cannot be read."""
+        counters = read_host_counters()
+        if counters is None:
+            return {}
+        if self._pid is None or self._pid == os.getpid():
+            counters["sampler_cpu_s"] = 0.0  # polled from this process: its CPU time is in own_cpu_s
+        counters["own_cpu_s"] = self._times()[0]
+        return counters
+
 
 def poll(host: HostSampler, gpu: GpuSampler | None, t0: float, errors: dict[str, str]) -> dict[str, float | None]:
-    """One row of readings: ``t_s`` (seconds since ``t0`` on ``time.perf_counter``), the host's and the GPU's.
+    """One row of readings: ``t_s`` (seconds since ``t0`` on ``time.perf_counter``), the host's, the GPU's, and
+    the host's CPU counters (:mod:`bsprof.engine.host_load`).
 
     A GPU sampler that raises leaves the row host-only and records why under ``errors["gpu"]`` (first
     failure kept): a failing sampler must not stop the polls or the trial.
@@ -143,4 +158,5 @@ def poll(host: HostSampler, gpu: GpuSampler | None, t0: float, errors: dict[str,
             row.update(gpu.sample())
         except Exception as e:  # noqa: BLE001 - recorded in errors, the row stays host-only
             errors.setdefault("gpu", f"GPU sampler failed during the run: {type(e).__name__}: {e}")
+    row.update(host.counters())  # after the GPU: its readings stay closest to t_s
     return row

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bsprof.engine.convergence import ConvergenceSettings, run_convergence_trial
+from bsprof.engine.host_load import remeasure_busy
 from bsprof.engine.lr import scaled_lr
 from bsprof.engine.result import TrialExtra
 from bsprof.engine.sampler_process import SamplerProcess
@@ -76,6 +77,8 @@ class SweepConfig:
         convergence_batch_sizes: Batch sizes of the convergence trials, ``None``: all of ``batch_sizes``.
         mode: ``sweep``, or ``predict`` for a ``bsprof predict`` run (a throughput pass and one short
             convergence trial measuring the noise scale); part of the run's identity.
+        remeasure_busy: Times a throughput trial measured on a busy host is measured again
+            (:func:`~bsprof.engine.host_load.remeasure_busy`).
     """
 
     workload_ref: str
@@ -90,6 +93,7 @@ class SweepConfig:
     convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
     convergence_batch_sizes: tuple[int, ...] | None = None
     mode: str = "sweep"
+    remeasure_busy: int = 2
 
     @property
     def convergence_sizes(self) -> tuple[int, ...]:
@@ -213,6 +217,12 @@ def trial_runners(config: SweepConfig) -> dict[str, Runner]:
     }
 
 
+def _remeasuring(run: Runner, attempts: int) -> Runner:
+    """``run``, measured again up to ``attempts`` times while its host was busy
+    (:func:`~bsprof.engine.host_load.remeasure_busy`)."""
+    return lambda w, s, e: remeasure_busy(lambda: run(w, s, e), attempts)
+
+
 def run_sweep(
     config: SweepConfig,
     workload: Workload,
@@ -264,6 +274,8 @@ def _run_sweep(
 ) -> SweepOutcome:
     run_fns = trial_runners(config)
     run_fns.update(runners or {})
+    if config.remeasure_busy > 0 and "throughput" in run_fns:
+        run_fns["throughput"] = _remeasuring(run_fns["throughput"], config.remeasure_busy)
     run = store.open_run(
         workload.name, config.hashed(workload, settings), collect_environment(settings.device), fresh=fresh
     )

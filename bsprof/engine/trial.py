@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from bsprof.engine.device import device_name, synchronizer
+from bsprof.engine.host_load import HostLoad, assess_host_load
 from bsprof.engine.monitors import Monitor
 from bsprof.engine.oom import free_memory, is_oom, reset_peak_memory
 from bsprof.engine.result import ProfileInfo, TrialExtra, TrialResult, TrialSpec
@@ -54,6 +56,7 @@ __all__ = [
     "run_guarded",
     "run_throughput_trial",
     "throughput_metrics",
+    "trial_host_load",
 ]
 
 log = logging.getLogger(__name__)
@@ -288,6 +291,18 @@ def throughput_metrics(
     return metrics, reasons
 
 
+def trial_host_load(telemetry: Telemetry, device: torch.device) -> HostLoad | None:
+    """What else the host did during a trial's window (:func:`~bsprof.engine.host_load.assess_host_load`): on
+    the CPU the trial needs torch's intra-op threads, on a GPU one thread and its GPU to itself."""
+    gpu_others = [int(r["gpu_other_processes"]) for r in telemetry.series if r.get("gpu_other_processes") is not None]
+    return assess_host_load(
+        telemetry.series,
+        cpu_count=os.cpu_count() or 1,
+        threads=torch.get_num_threads() if device.type == "cpu" else 1,
+        gpu_other_processes=max(gpu_others) if gpu_others else None,
+    )
+
+
 def _flops_metrics(
     workload: Workload, spec: TrialSpec, settings: EngineSettings, step: TrainingStep, times: StepTimes
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -380,6 +395,11 @@ def _throughput(
         raise RuntimeError(f"engine bug: {step.steps_done} steps ran, {expected} were timed")
     telemetry = window.telemetry
     metrics, reasons = throughput_metrics(times, telemetry, device, baseline)
+    load = trial_host_load(telemetry, device)
+    if load is not None:
+        metrics.update(load.metrics())
+    else:
+        reasons["host_busy"] = "the host's CPU counters (/proc/stat) could not be read"
     flops, flops_reasons = _flops_metrics(workload, spec, settings, step, times)
     metrics.update(flops)
     reasons.update(flops_reasons)
@@ -392,5 +412,6 @@ def _throughput(
         gpu_sampler=type(gpu).__name__ if telemetry.gpu_reason is None else telemetry.gpu_reason,
         monitor_mode=monitor.mode,
         profile=_profile(workload, spec, settings, step) if profiled else None,
+        host_load=load,
     )
     return ended(spec, "ok", device, started, metrics=metrics, reasons=reasons, step_times=times, extra=extra)

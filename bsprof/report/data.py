@@ -94,6 +94,8 @@ class ReportData:
         steps_prediction: Predicted vs measured S(B) (:func:`bsprof.noise_analysis.steps_prediction_table`).
         noise_curves: Noise-scale measurements of the runs' convergence trials: ``run, trial_id, batch_size,
             seed, step, epochs, b_simple, b_simple_low, b_simple_high``.
+        stability: :func:`bsprof.stability.stability_table` per run (busy / unstable batch sizes are the
+            report's banner).
     """
 
     runs: list[RunInfo]
@@ -116,6 +118,7 @@ class ReportData:
     critical: pd.DataFrame | None = None
     steps_prediction: pd.DataFrame | None = None
     noise_curves: pd.DataFrame | None = None
+    stability: pd.DataFrame | None = None
 
 
 def _labels(runs: Sequence[Any]) -> list[str]:
@@ -317,6 +320,7 @@ def report_data(
             if col not in trials.columns:
                 trials[col] = math.nan
         tp, conv, trade, fits, recs, gpu, lr, gaps, crit, steps_pred = [], [], [], [], [], [], [], [], [], []
+        stab: list[pd.DataFrame] = []
         for run in runs:
             t = trials[trials["run_id"] == run.run_id]
             if t.empty:
@@ -332,6 +336,7 @@ def report_data(
             gpu.append(a.gpu.assign(run=run.label))
             lr.append(a.lr_tuning.assign(run=run.label))
             gaps.append(a.gap_trend.assign(run=run.label))
+            stab.append(a.stability.assign(run=run.label))
             for rec in a.recommendations:
                 recs.append((run.label, rec))
                 if (fr := _fit_row(run.label, rec)) is not None:
@@ -358,6 +363,7 @@ def report_data(
         gpu=_concat(gpu, GPU_COLUMNS),
         convergence=conv_frame,
         tradeoff=_concat(trade),
+        stability=_concat(stab, ["batch_size", "verdict", "why"]),
         fits=pd.DataFrame(
             fits,
             columns=[

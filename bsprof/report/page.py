@@ -235,6 +235,7 @@ def render_html(data: ReportData, sections: Sequence[Section], *, title: str, so
         for r in data.runs
         if r.lr_rule == "fixed"
     ]
+    warnings += stability_warnings(data.stability)
     html = env.get_template("report.html.j2").render(
         title=title,
         source=source,
@@ -247,6 +248,18 @@ def render_html(data: ReportData, sections: Sequence[Section], *, title: str, so
         specs=Markup(script_json(specs)),
     )
     return html, len(specs)
+
+
+def stability_warnings(stability: Any) -> list[str]:
+    """The banner lines of the batch sizes whose throughput is not to be trusted (README, "Noisy hosts")."""
+    if stability is None or stability.empty:
+        return []
+    bad = stability[stability["verdict"].isin(["busy", "unstable"])]
+    return [
+        f"{r.run}: B={int(r.batch_size)} {str(r.verdict).upper()} — {r.why}. These throughput figures may be wrong; "
+        "run `bsprof check` and re-measure on a quiet host (README, 'Noisy hosts')."
+        for r in bad.itertuples()
+    ]
 
 
 def _inline_code(text: str) -> Any:
