@@ -385,3 +385,28 @@ def test_keskar_is_cited_for_higher_is_better_metrics_only() -> None:
     assert "Keskar" in _keskar(d, "acc")  # type: ignore[arg-type]
     assert _keskar(d, "mse") == ""  # type: ignore[arg-type]
     assert _keskar(SimpleNamespace(trials=frame.drop(columns="higher_is_better")), "acc") == ""  # type: ignore[arg-type]
+
+
+def test_benchmark_extra_info_reads_as_key_value_pairs_not_json() -> None:
+    from bsprof.report.sections_compute import _extra_text
+
+    text = _extra_text('{"batch_size": 64, "samples_per_s": 12345.678, "workload": "digits-mlp"}')
+    assert text == "batch_size: 64; samples_per_s: 12,346; workload: digits-mlp"
+    assert _extra_text("") == ""
+
+
+def test_lower_is_better_learning_curves_use_a_log_axis_so_a_small_target_shows() -> None:
+    import json
+
+    import pandas as pd
+
+    from bsprof.report.accuracy_charts import learning_curves_chart
+
+    curves = pd.DataFrame(
+        {"run": "r", "trial_id": 1, "batch_size": 8, "seed": 0, "step": [1, 2, 4, 8],
+         "samples": [8, 16, 32, 64], "train_s": [0.1, 0.2, 0.4, 0.8], "val_metric": [16.0, 2.0, 0.2, 0.04]}
+    )  # fmt: skip
+    lower = json.dumps(learning_curves_chart(curves, {"r": 0.05}, "mse", lower_is_better=True).to_dict())
+    higher = json.dumps(learning_curves_chart(curves, {"r": 0.05}, "mse").to_dict())
+    assert '"type": "log"}, "title": "mse (log scale)"' in lower
+    assert "mse (log scale)" not in higher

@@ -231,7 +231,11 @@ def steps_to_target_chart(convergence: pd.DataFrame, fits: pd.DataFrame | None =
 
 
 def learning_curves_chart(
-    curves: pd.DataFrame, targets: Mapping[str, float] | None = None, metric: str = "validation metric"
+    curves: pd.DataFrame,
+    targets: Mapping[str, float] | None = None,
+    metric: str = "validation metric",
+    *,
+    lower_is_better: bool = False,
 ) -> alt.TopLevelMixin:
     """Validation metric vs steps, vs samples and vs training seconds (log x), one line per trial, coloured
     by batch size; click the legend to pick batch sizes (shift-click for several).
@@ -241,6 +245,8 @@ def learning_curves_chart(
             :attr:`ReportData.curves`; e.g. ``Store.curve(trial_id)`` rows with those keys added).
         targets: Target metric per run label (a dashed horizontal line).
         metric: Name of the metric on the y axis.
+        lower_is_better: The metric falls towards its target (an MSE): a log y axis when every value is
+            positive, so a small target is not flattened against zero by the first evaluations' large values.
     """
     import pandas as pd
 
@@ -275,6 +281,8 @@ def learning_curves_chart(
         scale=alt.Scale(scheme="viridis", domain=bs),
         legend=alt.Legend(orient="right", symbolType="stroke", symbolStrokeWidth=3),
     )
+    log_y = lower_is_better and bool((c["val_metric"] > 0).all())
+    y_scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
     tips = [
         _tip("run:N", "run"),
         _tip("batch_size:O", "B"),
@@ -285,7 +293,7 @@ def learning_curves_chart(
         _tip("val_metric:Q", metric, ".4f"),
     ]
     enc: dict[str, Any] = {
-        "y": alt.Y("val_metric:Q", title=metric, scale=alt.Scale(zero=False)),
+        "y": alt.Y("val_metric:Q", title=metric + (" (log scale)" if log_y else ""), scale=y_scale),
         "color": color,
         "detail": "trial_id:N",
         "opacity": alt.condition(pick, alt.value(0.85), alt.value(0.07)),

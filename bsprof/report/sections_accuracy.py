@@ -202,7 +202,8 @@ def curves_section(d: ReportData, store_hint: str) -> Section:
     )
     if len(cv) and cv.groupby("trial_id").size().max() >= 60:
         s.notes.append("Long curves are thinned to log-spaced points to keep the page small.")
-    s.chart("curves", lambda: charts.learning_curves_chart(cv, d.targets))
+    lower = bool(runs_lower_is_better(d))
+    s.chart("curves", lambda: charts.learning_curves_chart(cv, d.targets, lower_is_better=lower))
     return s
 
 
@@ -277,6 +278,16 @@ def lr_section(d: ReportData, store_hint: str) -> Section:
             s.sentences.append(text + ".")
     s.chart("lr", lambda: charts.lr_sensitivity_chart(t))
     return s
+
+
+def runs_lower_is_better(d: ReportData) -> bool:
+    """Whether every run with a stored direction has a lower-is-better metric (an MSE); ``False`` when the
+    store does not say (older stores) or the runs disagree."""
+    t = d.trials
+    if "higher_is_better" not in t.columns:
+        return False
+    v = t["higher_is_better"].dropna()
+    return bool(len(v)) and not v.astype(bool).any()
 
 
 def _keskar(d: ReportData, run: str) -> str:

@@ -12,7 +12,15 @@ from bsprof.report import charts
 if TYPE_CHECKING:
     from bsprof.report.data import ReportData
 
-from bsprof.formatting import capitalize, format_bytes, format_number, format_ratio, format_seconds, join_sizes
+from bsprof.formatting import (
+    capitalize,
+    format_bytes,
+    format_number,
+    format_ratio,
+    format_seconds,
+    format_sig,
+    join_sizes,
+)
 from bsprof.report.text import Section, Table, by_run, finite_mask, run_prefix
 
 __all__ = ["benchmarks_section", "gpu_section", "memory_section", "ops_section", "throughput_section"]
@@ -237,9 +245,23 @@ def benchmarks_section(d: ReportData) -> Section:
             format_seconds(r["median"]),
             format_seconds(r["iqr"]),
             format_number(r["rounds"]),
-            r["extra_info"],
+            _extra_text(r["extra_info"]),
         ]
         for _, r in b.iterrows()
     ]
     s.tables.append(Table(["benchmark", "min", "median", "IQR", "rounds", "extra_info"], rows, numeric={1, 2, 3, 4}))
     return s
+
+
+def _extra_text(extra_json: str) -> str:
+    """A benchmark's ``extra_info`` (JSON text) as ``key: value; key: value``, numbers to 3 significant digits."""
+    import json
+
+    if not extra_json:
+        return ""
+    extra = json.loads(extra_json)
+    parts = []
+    for k, v in sorted(extra.items()):
+        shown = format_sig(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+        parts.append(f"{k}: {shown}")
+    return "; ".join(parts)
