@@ -3,6 +3,7 @@
 Public API:
     * :class:`Workload`, :class:`Split`, :func:`load_workload` — describe a training job.
     * :class:`Store` — the SQLite results store; :func:`trials_frame` — its trials as a pandas DataFrame.
+    * :func:`track` — the tracker inside a user's training script swept by ``bsprof sweep --cmd``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from bsprof.workload import Split, Workload, load_workload
 
 __version__ = "0.1.0"
 
-__all__ = ["Split", "Store", "Workload", "__version__", "load_workload", "trials_frame"]
+__all__ = ["Split", "Store", "Workload", "__version__", "load_workload", "track", "trials_frame"]
 
 
 def __getattr__(name: str) -> object:
@@ -23,4 +24,8 @@ def __getattr__(name: str) -> object:
         from bsprof.export import trials_frame
 
         return trials_frame
+    if name == "track":
+        from bsprof.tracker import track
+
+        return track
     raise AttributeError(name)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
-__all__ = ["DRIFT_REL_THRESHOLD", "StepTimes", "TimingSettings", "time_steps"]
+__all__ = ["DRIFT_REL_THRESHOLD", "BlockTimer", "StepTimes", "TimingSettings", "time_steps"]
 
 # Relative change of the step time between a trial's first and last blocks above which the trial is flagged
 # as drifting: block-to-block noise on a shared 2-core host is a few percent (see README, "How bsprof
@@ -229,8 +229,107 @@ def time_steps(
         t = clock()
         blocks.append(t - t_prev)
         t_prev = t
-        measured = math.fsum(blocks)
-        done = measured >= s.min_time_s and len(blocks) * steps_per_block >= s.min_steps and len(blocks) >= s.min_blocks
-        if done or (s.max_time_s is not None and t - t_first >= s.max_time_s):
+        if _measured_enough(s, blocks, steps_per_block, t - t_first):
             break
     return StepTimes(tuple(blocks), steps_per_block, batch_size, warm)
+
+
+def _measured_enough(s: TimingSettings, blocks: list[float], steps_per_block: int, elapsed_s: float) -> bool:
+    """Whether the timed blocks meet ``min_time_s``, ``min_steps`` and ``min_blocks``, or ``max_time_s`` has
+    passed since the first block started."""
+    done = math.fsum(blocks) >= s.min_time_s and len(blocks) * steps_per_block >= s.min_steps
+    return (done and len(blocks) >= s.min_blocks) or (s.max_time_s is not None and elapsed_s >= s.max_time_s)
+
+
+class BlockTimer:
+    """The discipline of :func:`time_steps`, driven from outside: the caller runs its own training loop and
+    calls :meth:`step_done` after every whole step (bsprof's tracker inside a user's script does).
+
+    The first call only starts the clock (the step before it ran at an unknown time, set-up included); the
+    warm-up goes on until ``warmup_steps`` steps and ``warmup_s`` seconds have been seen; calibration then
+    times blocks of 1, 2, 4, ... steps until one lasts ``block_min_s`` (as :func:`time_steps` does, its
+    steps count as warm-up); then consecutive blocks of that size are timed until ``min_time_s``,
+    ``min_steps`` and ``min_blocks`` are met (or ``max_time_s`` has passed). The device is synchronised before
+    every clock read, and only at block boundaries: between them :meth:`step_done` costs a counter increment.
+    There is no ``reset`` between blocks: the loop is the caller's.
+
+    Args:
+        batch_size: Samples per step (for :attr:`StepTimes.samples_per_s`).
+        settings: Warm-up and measurement lengths.
+        sync: Waits for queued device work; called before every clock read.
+        clock: Monotonic clock in seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        settings: TimingSettings | None = None,
+        sync: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.batch_size = batch_size
+        self.settings = settings or TimingSettings()
+        self._sync = sync
+        self._clock = clock
+        self._warm = 0  # steps before the first timed block: the first one, warm-up and calibration
+        self._phase = "start"  # start -> warmup -> calibrate -> timed -> done
+        self._t_prev = 0.0  # the clock at the last boundary (synchronised)
+        self._in_block = 0
+        self._block = 1  # steps in the current calibration or timed block
+        self.steps_per_block = 0
+        self._t_first = 0.0
+        self.block_times_s: list[float] = []
+        self.window_start_t: float | None = None
+        self.window_end_t: float | None = None
+        self.done = False
+
+    def _read(self) -> float:
+        self._sync()
+        return self._clock()
+
+    def step_done(self) -> bool:
+        """Record that one whole training step ended; returns whether the measurement is complete."""
+        if self.done:
+            return True
+        s = self.settings
+        self._in_block += 1
+        if self._phase == "timed":
+            if self._in_block < self.steps_per_block:
+                return False
+            t = self._read()
+            self.block_times_s.append(t - self._t_prev)
+            self._t_prev = self.window_end_t = t
+            self._in_block = 0
+            self.done = _measured_enough(s, self.block_times_s, self.steps_per_block, t - self._t_first)
+            return self.done
+        self._warm += 1
+        if self._phase == "start":
+            self._t_prev, self._in_block, self._phase = self._read(), 0, "warmup"
+            return False
+        if self._phase == "warmup":
+            if self._in_block < s.warmup_steps:
+                return False
+            t = self._read()
+            if t - self._t_prev < s.warmup_s:
+                return False
+            self._t_prev, self._in_block, self._phase = t, 0, "calibrate"
+            return False
+        if self._in_block < self._block:  # calibrate
+            return False
+        t = self._read()
+        dt = t - self._t_prev
+        size = _block_size(dt / self._block, s)
+        self._t_prev, self._in_block = t, 0
+        if dt >= s.block_min_s or self._block >= size:
+            self.steps_per_block, self._phase = size, "timed"
+            self._t_first = self.window_start_t = t
+        else:
+            self._block *= 2
+        return False
+
+    def result(self) -> StepTimes | None:
+        """The blocks timed so far (complete blocks only), or ``None`` before the first one ended."""
+        if not self.block_times_s:
+            return None
+        return StepTimes(tuple(self.block_times_s), self.steps_per_block, self.batch_size, self._warm)
