@@ -60,6 +60,9 @@ NEVER_TRACKED = (
 )
 
 _KILL_GRACE_S = 5.0
+_BSPROF_ROOT = str(Path(__file__).resolve().parents[2])
+"""The folder holding this ``bsprof`` package: first on the child's ``PYTHONPATH``, so that the tracker the
+script imports speaks this sweep's protocol."""
 _TAIL_LINES = 20
 
 
@@ -101,7 +104,7 @@ class ScriptJob:
             for name in _placeholders(token):
                 if name not in names:
                     known = ", ".join("{" + n + "}" for n in sorted(names))
-                    raise BadInput(f"command placeholder {{{name}}} is unknown: use {known} or declare --param {name}=V")
+                    raise BadInput(f"command placeholder {{{name}}} is unknown: use {known} or --param {name}=V")
         if not any("batch_size" in _placeholders(t) for t in self.command):
             raise BadInput("the command has no {batch_size} placeholder: every trial would run the same batch size")
 
@@ -175,6 +178,7 @@ def run_script_trial(
     argv = command_for(job, spec, folder)
     env = {**os.environ, ENV_VAR: order.to_env(), "BSPROF_BATCH_SIZE": str(spec.batch_size)}
     env.update(BSPROF_LR=f"{spec.lr:g}", BSPROF_SEED=str(spec.seed), BSPROF_KIND=spec.kind)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_BSPROF_ROOT, os.environ.get("PYTHONPATH")) if p)
     extra: dict[str, Any] = {"command": shlex.join(argv), "log": str(log_path), "runner": "script"}
     log.info("trial %s: %s", spec, extra["command"])
     timed_out = False
@@ -364,7 +368,7 @@ def _measured(
     metrics["epochs_to_target"] = None
     reasons["epochs_to_target"] = "script trials do not report epochs"
     if target is None or not evals:
-        why = "no target given" if target is None else "the script reported no evaluation: call tracker.evaluate(metric=...)"
+        why = "no target given" if target is None else "the script reported no evaluation: call tracker.evaluate()"
         return metrics, reasons, [], why
     watch = TargetWatch(target, order.patience, order.higher_is_better)
     curve = []

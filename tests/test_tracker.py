@@ -1,0 +1,164 @@
+"""The tracker inside a user's script: a no-op outside bsprof, the one timer's block discipline on a fake clock,
+the engine's target rule, and events a killed child cannot garble."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from bsprof.engine.script_protocol import ENV_VAR, TrialOrder, read_events
+from bsprof.engine.target import TargetWatch
+from bsprof.engine.timing import BlockTimer, TimingSettings
+from bsprof.tracker import NullTracker, Tracker, track
+
+
+class Fake:
+    """A clock that advances by ``dt`` per step, and an event log of steps, syncs and clock reads."""
+
+    def __init__(self, dt: float = 0.125) -> None:
+        self.dt, self.now, self.events = dt, 0.0, []  # type: ignore[var-annotated]
+
+    def step(self) -> None:
+        self.now += self.dt
+        self.events.append("step")
+
+    def sync(self) -> None:
+        self.events.append("sync")
+
+    def clock(self) -> float:
+        self.events.append("clock")
+        return self.now
+
+
+def test_track_outside_bsprof_is_a_null_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    tracker = track()
+    assert isinstance(tracker, NullTracker) and not tracker.active
+    tracker.step(samples=8, loss=1.0)
+    tracker.evaluate(metric=0.5)
+    assert tracker.should_stop() is False
+
+
+def test_importing_and_calling_track_outside_bsprof_imports_nothing_heavy() -> None:
+    code = "import sys, bsprof; t = bsprof.track(); t.step(); print([m for m in ('torch',) if m in sys.modules])"
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"  # torch (and numpy) stay unimported
+
+
+def test_block_timer_matches_time_steps_blocks_and_syncs_only_at_boundaries() -> None:
+    s = TimingSettings(warmup_steps=2, warmup_s=1.0, min_time_s=10.0, min_steps=20, block_min_s=0.5, min_blocks=7)
+    dev = Fake()
+    timer = BlockTimer(batch_size=8, settings=s, sync=dev.sync, clock=dev.clock)
+    steps = 0
+    while not timer.step_done():
+        dev.step()
+        steps += 1
+        assert steps < 10_000
+    times = timer.result()
+    assert times is not None
+    # the first step only starts the clock; 8 steps of 0.125 s then make the 1 s warm-up
+    assert times.warmup_steps == 9
+    assert times.steps_per_block == 4  # ceil(0.5 / 0.125), as time_steps sizes them
+    assert times.block_times_s == (0.5,) * 20
+    first_timed = [i for i, e in enumerate(dev.events) if e == "step"][times.warmup_steps]
+    timed = dev.events[first_timed:]
+    assert timed.count("sync") == len(times.block_times_s)  # one sync per block, none per step
+    last = None
+    for e in dev.events:
+        if e == "clock":
+            assert last == "sync"
+        last = e if e != "clock" else last
+    assert timer.step_done() is True  # further steps are free and change nothing
+    assert timer.result() == times
+
+
+def test_block_timer_result_is_none_before_the_first_block() -> None:
+    timer = BlockTimer(batch_size=4, settings=TimingSettings(warmup_steps=3, warmup_s=0.0), clock=Fake().clock)
+    timer.step_done()
+    assert timer.result() is None
+
+
+def test_target_watch_patience_bracket_and_fallbacks() -> None:
+    watch = TargetWatch(0.9, patience=2)
+    rows = [{"step": s, "val_metric": m} for s, m in [(5, 0.5), (10, 0.91), (15, 0.85), (20, 0.92), (25, 0.95)]]
+    reached = [watch.observe(r) for r in rows]
+    assert reached == [False, False, False, False, True]
+    assert watch.reached is rows[3]  # the first of the two consecutive evaluations at or above target
+    assert rows[3]["bracket_step"] == 15
+    assert watch.fallbacks == 1
+    lower = TargetWatch(0.1, higher_is_better=False)
+    assert lower.observe({"step": 1, "val_metric": 0.05})
+
+
+def _order(tmp_path: Path, **kw: object) -> TrialOrder:
+    base = {"report": str(tmp_path / "events.jsonl"), "workload": "w", "kind": "convergence", "batch_size": 4}
+    base.update(seed=0, lr=0.1, target=0.5)
+    base.update(kw)
+    return TrialOrder(**base)  # type: ignore[arg-type]
+
+
+def test_tracker_convergence_excludes_evaluation_time_and_stops_at_target(tmp_path: Path) -> None:
+    dev = Fake(dt=1.0)
+    tracker = Tracker(_order(tmp_path, patience=1), clock=dev.clock, sync=dev.sync, install_hooks=False)
+    for step in range(1, 5):
+        dev.step()  # one second of training
+        tracker.step(samples=4)
+        dev.now += 10.0  # ten seconds of evaluation
+        tracker.evaluate(metric=step / 4)
+        if tracker.should_stop():
+            break
+    tracker.close()
+    events = read_events(tmp_path / "events.jsonl")
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["train_s"] for e in evals] == [1.0, 2.0]  # evaluation seconds excluded
+    assert [e["samples"] for e in evals] == [4, 8]
+    assert tracker.eval_s == 20.0
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end"
+    assert events[-1]["steps"] == 2
+
+
+def test_read_events_ignores_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"event": "start"}\n{"event": "eval", "step": 1}\n{"event": "ev')
+    assert [e["event"] for e in read_events(path)] == ["start", "eval"]
+
+
+def test_trial_order_round_trip_and_rejects_foreign_values() -> None:
+    order = TrialOrder(report="/r", workload="w", kind="throughput", batch_size=8, seed=1, lr=0.1)
+    assert TrialOrder.from_env(order.to_env()) == order
+    with pytest.raises(ValueError, match="not a bsprof trial order"):
+        TrialOrder.from_env('{"x": 1}')
+
+
+def _without_tracker(source: str) -> str:
+    """The example as it was before the bsprof lines were added."""
+    source = source.replace("import bsprof\n", "")
+    source = re.sub(r"\n *tracker = bsprof\.track\(\)  # bsprof", "", source)
+    source = re.sub(r"\n *tracker\.step\(.*\)  # bsprof", "", source)
+    source = re.sub(r"\n *tracker\.evaluate\(.*\)  # bsprof", "", source)
+    source = re.sub(r"\n *if tracker\.should_stop\(\):.*\n *return", "", source)
+    assert "tracker." not in source and "bsprof.track" not in source
+    return source
+
+
+@pytest.mark.slow
+def test_example_run_directly_behaves_exactly_as_without_the_tracker(tmp_path: Path) -> None:
+    example = REPO / "examples" / "train_digits.py"
+    plain = tmp_path / "train_digits_plain.py"
+    plain.write_text(_without_tracker(example.read_text()))
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR} | {"OMP_NUM_THREADS": "1"}
+    args = ["--batch-size", "64", "--epochs", "3", "--seed", "3"]
+    runs = [
+        subprocess.run([sys.executable, str(p), *args], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+        for p in (example, plain)
+    ]
+    assert runs[0].returncode == runs[1].returncode == 0, runs[0].stderr + runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout  # the same losses and accuracies, epoch by epoch
+    assert runs[0].stdout.count("epoch") == 3
