@@ -78,7 +78,7 @@ def test_faults_are_stored_with_their_status_and_the_sweep_goes_on(tmp_path: Pat
     # the crash's log tail is kept for the report
     with Store(tmp_path / "s.db") as store:
         crash = next(r for r in store.trial_rows() if r["batch_size"] == 16)
-        assert "Traceback" in crash["extra"]["log_tail"]
+        assert "Traceback" in crash["extra"]["script_log_tail"]
 
 
 def test_resume_skips_finished_trials_and_retries_errors(tmp_path: Path) -> None:

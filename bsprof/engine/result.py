@@ -20,7 +20,7 @@ from bsprof.engine.host_load import HostLoad
 if TYPE_CHECKING:
     from bsprof.engine.timing import StepTimes
 
-__all__ = ["KINDS", "STATUSES", "ProfileInfo", "TrialExtra", "TrialResult", "TrialSpec"]
+__all__ = ["KINDS", "STATUSES", "ProfileInfo", "ScriptInfo", "TrialExtra", "TrialResult", "TrialSpec"]
 
 KINDS = ("throughput", "convergence")
 """Trial kinds (DESIGN.md: a trial's ``kind``)."""
@@ -81,6 +81,30 @@ class ProfileInfo:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class ScriptInfo:
+    """The child process of a script trial (see :mod:`bsprof.engine.script`).
+
+    Attributes:
+        command: The trial's command line, placeholders filled.
+        log: Path of the child's output log.
+        exit_code: The child's exit code (negative: killed by that signal); ``None`` if it never started.
+        log_tail: The log's last lines, kept when the trial failed.
+    """
+
+    command: str
+    log: str
+    exit_code: int | None = None
+    log_tail: str | None = None
+
+
+_SCRIPT_KEYS = {  # ScriptInfo field -> key in the store's flat JSON
+    "command": "script_command",
+    "log": "script_log",
+    "exit_code": "script_exit_code",
+    "log_tail": "script_log_tail",
+}
+
 _PROFILE_KEYS = {  # ProfileInfo field -> key in the store's flat JSON
     "trace_dir": "trace_dir",
     "trace_files": "trace_files",
@@ -96,7 +120,8 @@ class TrialExtra:
     """A trial's by-products beside its export columns.
 
     Attributes:
-        source: Who timed the rounds: ``engine`` (the engine's timer) or ``pytest-benchmark``.
+        source: Who timed the rounds: ``engine`` (the engine's timer), ``pytest-benchmark``, or ``script`` (the
+            tracker inside a user's script, :mod:`bsprof.engine.script`).
         rel_iqr: Step-time IQR over its median (throughput); above 0.1 the measurement is noisy.
         cpu_pct_mean: Mean process CPU use over the telemetry window (percent of one core).
         telemetry: The window's polls, downsampled: dicts with ``t_s`` and the sampler keys.
@@ -107,6 +132,7 @@ class TrialExtra:
         host_load: What else the host did during the trial (:mod:`bsprof.engine.host_load`); ``busy`` marks
             a trial measured on a busy host.
         remeasures: How many times the trial was measured again because its host was busy.
+        script: The child process of a script trial (``source == "script"``).
     """
 
     source: str = "engine"
@@ -119,6 +145,7 @@ class TrialExtra:
     skipped_after_oom: bool = False
     host_load: HostLoad | None = None
     remeasures: int = 0
+    script: ScriptInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The store's flat JSON object (fields at their defaults are left out)."""
@@ -141,6 +168,10 @@ class TrialExtra:
             out["host_load"] = self.host_load.to_json()
         if self.remeasures:
             out["remeasures"] = self.remeasures
+        if self.script is not None:
+            for name, key in _SCRIPT_KEYS.items():
+                if getattr(self.script, name) is not None:
+                    out[key] = getattr(self.script, name)
         return out
 
     @classmethod
@@ -175,6 +206,15 @@ class TrialExtra:
                 active_steps=steps if isinstance(steps, int) else 0,
                 error=text("profile_error"),
             )
+        script = None
+        if isinstance(d.get("script_command"), str):
+            code = d.get("script_exit_code")
+            script = ScriptInfo(
+                command=d["script_command"],
+                log=text("script_log") or "",
+                exit_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
+                log_tail=text("script_log_tail"),
+            )
         return cls(
             source=text("source") or "engine",
             rel_iqr=number("rel_iqr"),
@@ -186,6 +226,7 @@ class TrialExtra:
             skipped_after_oom=d.get("skipped_after_oom") is True,
             host_load=HostLoad.from_json(d.get("host_load")),
             remeasures=d["remeasures"] if isinstance(d.get("remeasures"), int) else 0,
+            script=script,
         )
 
 

@@ -30,14 +30,17 @@ import signal
 import string
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from bsprof.engine.result import ScriptInfo, TrialExtra, TrialResult, TrialSpec
 from bsprof.engine.script_protocol import ENV_VAR, TrialOrder, read_events
 from bsprof.engine.target import TargetWatch
 from bsprof.engine.timing import StepTimes
-from bsprof.engine.trial import TrialResult, TrialSpec
+from bsprof.engine.trial import ended
 from bsprof.errors import BadInput
 
 if TYPE_CHECKING:
@@ -179,8 +182,8 @@ def run_script_trial(
     env = {**os.environ, ENV_VAR: order.to_env(), "BSPROF_BATCH_SIZE": str(spec.batch_size)}
     env.update(BSPROF_LR=f"{spec.lr:g}", BSPROF_SEED=str(spec.seed), BSPROF_KIND=spec.kind)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_BSPROF_ROOT, os.environ.get("PYTHONPATH")) if p)
-    extra: dict[str, Any] = {"command": shlex.join(argv), "log": str(log_path), "runner": "script"}
-    log.info("trial %s: %s", spec, extra["command"])
+    info = ScriptInfo(command=shlex.join(argv), log=str(log_path))
+    log.info("trial %s: %s", spec, info.command)
     timed_out = False
     with open(log_path, "wb") as out:
         try:
@@ -189,7 +192,7 @@ def run_script_trial(
                 start_new_session=True,
             )  # fmt: skip
         except OSError as e:
-            return _result(spec, settings, started, "error", f"cannot start {argv[0]!r}: {e}", extra=extra)
+            return _result(spec, settings, started, "error", f"cannot start {argv[0]!r}: {e}", info=info)
         try:
             returncode = proc.wait(timeout=job.trial_timeout_s)
         except subprocess.TimeoutExpired:
@@ -199,8 +202,8 @@ def run_script_trial(
             _kill_group(proc)
             raise
         _kill_group(proc, quiet=True)  # strays of the group (e.g. ranks a launcher left behind)
-    extra["exit_code"] = returncode
-    return _interpret(job, spec, settings, order, read_events(report), returncode, timed_out, log_path, started, extra)
+    info = replace(info, exit_code=returncode)
+    return _interpret(job, spec, settings, order, read_events(report), timed_out, started, info)
 
 
 def _order(
@@ -283,40 +286,41 @@ def _interpret(
     settings: EngineSettings,
     order: TrialOrder,
     events: list[dict[str, Any]],
-    returncode: int,
     timed_out: bool,
-    log_path: Path,
     started: float,
-    extra: dict[str, Any],
+    info: ScriptInfo,
 ) -> TrialResult:
+    returncode = info.exit_code if info.exit_code is not None else 0
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for e in events:
         by_kind.setdefault(e["event"], []).append(e)
     exc = by_kind.get("exception", [None])[-1]
-    tail = _tail(log_path)
+    tail = _tail(Path(info.log))
+    failed = replace(info, log_tail=tail)
     metrics, reasons, curve, outcome = _measured(spec, order, by_kind)
+    measured = {"metrics": metrics, "reasons": reasons, "curve": curve}
     if timed_out:
         status = "ok" if outcome == "ok" else "budget_exhausted"
         error = f"trial timed out after {job.trial_timeout_s:g} s (--trial-timeout): its process group was killed"
-        return _result(spec, settings, started, status, error, metrics, reasons, curve, extra | {"log_tail": tail})
+        return _result(spec, settings, started, status, error, info=failed, **measured)
     if (exc is not None and exc.get("oom")) or (returncode != 0 and _log_says_oom(tail)):
         message = exc["message"] if exc is not None else _last_line(tail)
-        return _result(spec, settings, started, "oom", message, extra=extra | {"log_tail": tail})
+        return _result(spec, settings, started, "oom", message, info=failed)
     if "diverged" in by_kind:
         d = by_kind["diverged"][0]
         error = f"training loss {d['loss']:.4g} at step {d['step']} (first step: {d['first_loss']:.4g})"
-        return _result(spec, settings, started, "diverged", error, metrics, reasons, curve, extra)
+        return _result(spec, settings, started, "diverged", error, info=info, **measured)
     if returncode != 0:
         message = exc["message"] if exc is not None else _last_line(tail)
-        error = f"{_exit_text(returncode)}: {message} (log: {log_path})"
-        return _result(spec, settings, started, "error", error, metrics, reasons, curve, extra | {"log_tail": tail})
+        error = f"{_exit_text(returncode)}: {message} (log: {info.log})"
+        return _result(spec, settings, started, "error", error, info=failed, **measured)
     if "start" not in by_kind:
-        return _result(spec, settings, started, "error", NEVER_TRACKED, extra=extra | {"log_tail": tail})
+        return _result(spec, settings, started, "error", NEVER_TRACKED, info=failed)
     if outcome == "ok":
-        return _result(spec, settings, started, "ok", None, metrics, reasons, curve, extra)
-    status = "budget_exhausted" if outcome == "budget_exhausted" else "error"
-    return _result(spec, settings, started, status, outcome if status == "error" else _missed(order, by_kind),
-                   metrics, reasons, curve, extra | {"log_tail": tail})  # fmt: skip
+        return _result(spec, settings, started, "ok", None, info=info, **measured)
+    if outcome == "budget_exhausted":
+        return _result(spec, settings, started, outcome, _missed(order, by_kind), info=info, **measured)
+    return _result(spec, settings, started, "error", outcome, info=failed, **measured)
 
 
 def _last_line(tail: str) -> str:
@@ -397,25 +401,25 @@ def _result(
     started: float,
     status: str,
     error: str | None,
+    *,
+    info: ScriptInfo,
     metrics: dict[str, Any] | None = None,
     reasons: dict[str, str] | None = None,
     curve: list[dict[str, Any]] | None = None,
-    extra: dict[str, Any] | None = None,
 ) -> TrialResult:
     metrics = dict(metrics or {})
-    device = str(metrics.pop("device", None) or settings.device)
+    reported = metrics.pop("device", None)
+    device = torch.device(reported) if reported else settings.device
     if error and status != "ok":
         log.warning("trial %s: %s: %s", spec, status, error)
-    return TrialResult(
-        spec=spec,
-        status=status,
-        device=device,
-        device_name=device if device == "cpu" else "",
+    return ended(
+        spec,
+        status,
+        device,
+        started,
         metrics=metrics,
         reasons=dict(reasons or {}),
         error=error,
-        started_at=started,
-        duration_s=time.time() - started,
         curve=list(curve or []),
-        extra=dict(extra or {}),
+        extra=TrialExtra(source="script", script=info),
     )
