@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,6 @@ CHUNK_S = 0.04
 WARMUP_STEPS = 50
 ISOLATED_CALLS = 20_000
 TOLERANCE = 0.01
-TORCH_THREADS = 1
 
 
 class _Loop:
@@ -178,16 +176,6 @@ def _median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
     n = len(v)
     half = z * n**0.5 / 2
     return v[max(0, int(n / 2 - half))], v[min(n - 1, int(n / 2 + half + 1))]
-
-
-@pytest.fixture
-def torch_threads() -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(TORCH_THREADS)
-    try:
-        yield TORCH_THREADS
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("kind", ["throughput", "convergence"])

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from bsprof.cli_script import add_script_options, split_command
 from bsprof.commands import (
     cmd_check,
     cmd_compare,
@@ -192,6 +193,7 @@ def build_parser() -> _Parser:
     )
     tg.add_argument("--timing-warmup-steps", type=int, default=5, help="untimed steps first (default: 5)")
     _add_telemetry_options(sw)
+    add_script_options(sw)
     cg = sw.add_argument_group("convergence trials")
     cg.add_argument("--target", type=float, help="validation metric to reach (default: the workload's)")
     cg.add_argument(
@@ -446,8 +448,14 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bsprof`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]  # a data-parallel sweep relaunches it
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options, command_tokens = split_command(argv)
+    args = build_parser().parse_args(options)
+    args.argv = argv  # a data-parallel sweep relaunches it
+    if command_tokens is not None:
+        if args.command != "sweep":
+            build_parser().error(f"`-- COMMAND` is for `bsprof sweep` only, not `bsprof {args.command}`")
+        args.command_tokens = command_tokens
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -10,12 +10,14 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bsprof.cli_script import script_command, script_job, with_log_dir
 from bsprof.errors import BadInput
 
 __all__ = [
@@ -123,9 +125,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from bsprof.store import Store
 
     batch_sizes = parse_batch_sizes(args.batch_sizes)
-    workload, settings = _load(args)
+    command = script_command(args)
+    if command is not None:
+        workload, settings = _load_script(args, command, batch_sizes)
+    else:
+        workload, settings = _load(args)
     config = SweepConfig(
-        workload_ref=args.workload,
+        workload_ref=args.workload if command is None else f"cmd: {shlex.join(command)}",
         batch_sizes=batch_sizes,
         kinds=("throughput", "convergence") if args.kind == "both" else (args.kind,),
         seeds=args.seeds,
@@ -137,19 +143,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         remeasure_busy=max(0, getattr(args, "remeasure", 2)),
         convergence=_convergence_settings(args, workload),
     )
-    executor, settings, follower_done = _executor(args, config, workload, settings)
+    executor, follower_done = None, None
+    if command is None:  # a script's command runs its own launcher (torchrun) when it needs one
+        executor, settings, follower_done = _executor(args, config, workload, settings)
     if follower_done is not None:  # a data-parallel rank other than 0 (or the launcher): no store, no output
         return follower_done
-    _warn_batches_above_training_set(workload, batch_sizes)
+    if command is None:
+        _warn_batches_above_training_set(workload, batch_sizes)
     with Store(_store_path(args), create=True) as store, Progress() as progress:
         fresh = args.fresh
+        runners = None
         if settings.profile:
             settings = _with_trace_dir(settings, store, config, workload, fresh=fresh)
             fresh = False  # the run was just opened (fresh if asked); run_sweep resumes it
+        if command is not None:
+            workload, runners = _script_runners(store, config, workload, settings, fresh=fresh)
+            fresh = False  # likewise: the run was opened to name the trials' log folder
         try:
             outcome = run_sweep(
-                config, workload, settings, store, fresh=fresh, progress=progress.update, executor=executor
-            )
+                config, workload, settings, store, fresh=fresh, progress=progress.update, runners=runners,
+                prime=command is None, executor=executor,
+            )  # fmt: skip
         except KeyboardInterrupt:
             progress.close()
             print("bsprof: interrupted; finished trials are stored, run the same command to resume", file=sys.stderr)
@@ -283,6 +297,30 @@ def _warn_batches_above_training_set(workload: Any, batch_sizes: Sequence[int]) 
             n_train,
             workload.name,
         )
+
+
+def _load_script(args: argparse.Namespace, command: tuple[str, ...], batch_sizes: tuple[int, ...]) -> tuple[Any, Any]:
+    """The script job and the engine settings of ``bsprof sweep --cmd`` (bad input raised before anything runs)."""
+    from bsprof.engine.device import resolve_device
+    from bsprof.engine.timing import TimingSettings
+    from bsprof.engine.trial import EngineSettings
+
+    job = script_job(args, command, batch_sizes)
+    if args.timing_warmup_steps < 0:
+        raise BadInput(f"--timing-warmup-steps must be >= 0, got {args.timing_warmup_steps}")
+    timing = TimingSettings(warmup_steps=args.timing_warmup_steps, min_time_s=args.min_time, min_steps=args.min_steps)
+    return job, EngineSettings(device=resolve_device(args.device), timing=timing, monitor_hz=args.monitor_hz)
+
+
+def _script_runners(store: Any, config: Any, job: Any, settings: Any, *, fresh: bool) -> tuple[Any, Any]:
+    """(job logging under ``<store folder>/script-logs/<run>``, the sweep's runners); opens (or resumes) the run
+    to learn its id — the log folder is not part of the run's config hash, so ``run_sweep`` resumes this run."""
+    from bsprof.engine.script import script_runners
+    from bsprof.environment import collect_environment
+
+    run = store.open_run(job.name, config.hashed(job, settings), collect_environment(settings.device), fresh=fresh)
+    job = with_log_dir(job, Path(store.path), run.run_id)
+    return job, script_runners(job, config.convergence)
 
 
 def _with_trace_dir(settings: Any, store: Any, config: Any, workload: Any, *, fresh: bool) -> Any:

@@ -144,8 +144,7 @@ class Tracker:
         self.samples = 0
         self.train_s = 0.0
         self.eval_s = 0.0
-        self._segment_t = clock()
-        self._last_step_t = self._segment_t
+        self._segment_t = self._last_step_t = 0.0
         self._stop = False
         self._first_loss: float | None = None
         self._loss: Any = None
@@ -162,6 +161,7 @@ class Tracker:
             self._previous_hook = sys.excepthook
             sys.excepthook = self._excepthook
             atexit.register(self.close)
+        self._segment_t = self._last_step_t = clock()  # training seconds count from here, set-up excluded
 
     # -- the three calls ------------------------------------------------------------------------------
     def start(self) -> None:

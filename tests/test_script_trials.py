@@ -149,3 +149,22 @@ def test_command_placeholders_are_filled_per_token(tmp_path: Path) -> None:
 def test_bad_commands_are_bad_input(command: tuple[str, ...], message: str) -> None:
     with pytest.raises(BadInput, match=message.replace("{", r"\{").replace("}", r"\}")):
         ScriptJob(name="j", command=command)
+
+
+@pytest.mark.slow
+def test_torchrun_command_is_one_trial_reported_by_rank_0(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed.run", reason="torchrun is part of torch.distributed")
+    script = FIXTURES / "scripts" / "ddp.py"
+    cmd = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script))
+    cmd += ("--batch-size", "{batch_size}")
+    job = ScriptJob(name="ddp", command=cmd, target=0.5, trial_timeout_s=240, log_dir=str(tmp_path))
+    for kind in ("throughput", "convergence"):
+        spec = TrialSpec("ddp", kind, 16, 0, 0.1)
+        result = run_script_trial(job, spec, SETTINGS, ConvergenceSettings(target=0.5))
+        assert result.status == "ok", (result.error, result.extra.script)
+        events = (trial_dir(job, spec) / "events.jsonl").read_text()
+        assert events.count('"event": "start"') == 1  # rank 0 only
+        log = (trial_dir(job, spec) / "output.log").read_text()
+        stops = sorted(line.split()[-1] for line in log.splitlines() if "stopped at step" in line)
+        assert len(stops) == 2 and stops[0] == stops[1], log[-2000:]  # should_stop() was agreed
+    assert result.metrics["steps_to_target"] == 20

@@ -11,29 +11,12 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from test_timing import FakeDevice as Fake  # a clock that advances per step; a log of steps, syncs, reads
 
 from bsprof.engine.script_protocol import ENV_VAR, TrialOrder, read_events
 from bsprof.engine.target import TargetWatch
-from bsprof.engine.timing import BlockTimer, TimingSettings
+from bsprof.engine.timing import BlockTimer, TimingSettings, time_steps
 from bsprof.tracker import NullTracker, Tracker, track
-
-
-class Fake:
-    """A clock that advances by ``dt`` per step, and an event log of steps, syncs and clock reads."""
-
-    def __init__(self, dt: float = 0.125) -> None:
-        self.dt, self.now, self.events = dt, 0.0, []  # type: ignore[var-annotated]
-
-    def step(self) -> None:
-        self.now += self.dt
-        self.events.append("step")
-
-    def sync(self) -> None:
-        self.events.append("sync")
-
-    def clock(self) -> float:
-        self.events.append("clock")
-        return self.now
 
 
 def test_track_outside_bsprof_is_a_null_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,8 +35,10 @@ def test_importing_and_calling_track_outside_bsprof_imports_nothing_heavy() -> N
     assert out.stdout.strip() == "[]"  # torch (and numpy) stay unimported
 
 
-def test_block_timer_matches_time_steps_blocks_and_syncs_only_at_boundaries() -> None:
+def test_block_timer_times_the_blocks_time_steps_times_and_syncs_only_at_boundaries() -> None:
     s = TimingSettings(warmup_steps=2, warmup_s=1.0, min_time_s=10.0, min_steps=20, block_min_s=0.5, min_blocks=7)
+    ref = Fake()
+    expected = time_steps(ref.step, batch_size=8, settings=s, sync=ref.sync, clock=ref.clock)
     dev = Fake()
     timer = BlockTimer(batch_size=8, settings=s, sync=dev.sync, clock=dev.clock)
     steps = 0
@@ -63,10 +48,11 @@ def test_block_timer_matches_time_steps_blocks_and_syncs_only_at_boundaries() ->
         assert steps < 10_000
     times = timer.result()
     assert times is not None
-    # the first step only starts the clock; 8 steps of 0.125 s then make the 1 s warm-up
-    assert times.warmup_steps == 9
-    assert times.steps_per_block == 4  # ceil(0.5 / 0.125), as time_steps sizes them
-    assert times.block_times_s == (0.5,) * 20
+    # 8 warm-up steps (1 s), calibration blocks of 1, 2 and 4 steps (4 x 0.125 s = block_min_s), then 20 blocks
+    assert expected.warmup_steps == 15 and expected.steps_per_block == 4 and expected.block_times_s == (0.5,) * 20
+    assert times.block_times_s == expected.block_times_s
+    assert times.steps_per_block == expected.steps_per_block
+    assert times.warmup_steps == expected.warmup_steps + 1  # the first step only starts the clock
     first_timed = [i for i, e in enumerate(dev.events) if e == "step"][times.warmup_steps]
     timed = dev.events[first_timed:]
     assert timed.count("sync") == len(times.block_times_s)  # one sync per block, none per step

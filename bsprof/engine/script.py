@@ -23,6 +23,7 @@ and only rank 0's tracker reports.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -36,18 +37,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bsprof.engine.monitors import Monitor
 from bsprof.engine.result import ScriptInfo, TrialExtra, TrialResult, TrialSpec
 from bsprof.engine.script_protocol import ENV_VAR, TrialOrder, read_events
 from bsprof.engine.target import TargetWatch
+from bsprof.engine.telemetry import Telemetry, downsample_rows, measured_gpu_metrics
 from bsprof.engine.timing import StepTimes
-from bsprof.engine.trial import ended
+from bsprof.engine.trial import default_gpu_sampler, ended
 from bsprof.errors import BadInput
 
 if TYPE_CHECKING:
     from bsprof.engine.convergence import ConvergenceSettings
     from bsprof.engine.trial import EngineSettings
 
-__all__ = ["PLACEHOLDERS", "ScriptJob", "command_for", "run_script_trial"]
+__all__ = ["PLACEHOLDERS", "ScriptJob", "command_for", "run_script_trial", "script_runners"]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,16 @@ def command_for(job: ScriptJob, spec: TrialSpec, folder: Path) -> list[str]:
     return [token.format_map(values) for token in job.command]
 
 
+def script_runners(job: ScriptJob, conv: ConvergenceSettings | None = None) -> dict[str, Any]:
+    """The sweep's trial runners for ``job``: every kind runs the job's command (see
+    :func:`~bsprof.engine.sweep.run_sweep`'s ``runners``; the sweep passes ``job`` as its workload)."""
+
+    def run(_job: object, spec: TrialSpec, settings: EngineSettings) -> TrialResult:
+        return run_script_trial(job, spec, settings, conv)
+
+    return {"throughput": run, "convergence": run}
+
+
 def run_script_trial(
     job: ScriptJob, spec: TrialSpec, settings: EngineSettings, conv: ConvergenceSettings | None = None
 ) -> TrialResult:
@@ -184,26 +197,58 @@ def run_script_trial(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_BSPROF_ROOT, os.environ.get("PYTHONPATH")) if p)
     info = ScriptInfo(command=shlex.join(argv), log=str(log_path))
     log.info("trial %s: %s", spec, info.command)
-    timed_out = False
-    with open(log_path, "wb") as out:
-        try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=job.cwd,
-                start_new_session=True,
-            )  # fmt: skip
-        except OSError as e:
-            return _result(spec, settings, started, "error", f"cannot start {argv[0]!r}: {e}", info=info)
-        try:
-            returncode = proc.wait(timeout=job.trial_timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            returncode = _kill_group(proc)
-        except BaseException:
-            _kill_group(proc)
-            raise
-        _kill_group(proc, quiet=True)  # strays of the group (e.g. ranks a launcher left behind)
+    gpu = (settings.gpu_sampler_factory or default_gpu_sampler)(settings.device)
+    # No GPU to read: a thread in this (idle, waiting) process is enough; else the sweep's sampler process.
+    mode = "thread" if gpu.reason is not None else "auto"
+    monitor = Monitor(gpu, hz=settings.monitor_hz, mode=mode, process=settings.sampler_process)
+    closing = contextlib.closing(gpu) if hasattr(gpu, "close") else contextlib.nullcontext()
+    with open(log_path, "wb") as out, closing, contextlib.closing(monitor):
+        opened_t = time.perf_counter()
+        with monitor.window() as window:
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=job.cwd,
+                    start_new_session=True,
+                )  # fmt: skip
+            except OSError as e:
+                return _result(spec, settings, started, "error", f"cannot start {argv[0]!r}: {e}", info=info)
+            returncode, timed_out = _wait(proc, job.trial_timeout_s)
     info = replace(info, exit_code=returncode)
-    return _interpret(job, spec, settings, order, read_events(report), timed_out, started, info)
+    sampler = type(gpu).__name__ if window.telemetry.gpu_reason is None else window.telemetry.gpu_reason
+    telemetry = _Window(window.telemetry, opened_t, monitor.mode, sampler)
+    return _interpret(job, spec, settings, order, read_events(report), timed_out, started, info, telemetry)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The parent's telemetry window around the child, and when it opened (``time.perf_counter``: on Linux
+    the system-wide monotonic clock, the child's clock too)."""
+
+    telemetry: Telemetry
+    opened_t: float
+    mode: str
+    sampler: str
+
+    def over(self, start_t: float | None, end_t: float | None) -> Telemetry:
+        """The window cut to end at the child's ``end_t`` (the polls after it cover the script's exit)."""
+        if end_t is None or start_t is None:
+            return self.telemetry
+        end_s = end_t - self.opened_t
+        rows = tuple(r for r in self.telemetry.series if r.get("t_s") is not None and float(r["t_s"]) <= end_s)
+        return replace(self.telemetry, duration_s=max(0.0, end_s), series=rows)
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout_s: float | None) -> tuple[int, bool]:
+    """(exit code, timed out): wait for the child; past ``timeout_s`` end its process group."""
+    try:
+        returncode, timed_out = proc.wait(timeout=timeout_s), False
+    except subprocess.TimeoutExpired:
+        returncode, timed_out = _kill_group(proc), True
+    except BaseException:
+        _kill_group(proc)
+        raise
+    _kill_group(proc, quiet=True)  # strays of the group (e.g. ranks a launcher left behind)
+    return returncode, timed_out
 
 
 def _order(
@@ -289,6 +334,7 @@ def _interpret(
     timed_out: bool,
     started: float,
     info: ScriptInfo,
+    window: _Window,
 ) -> TrialResult:
     returncode = info.exit_code if info.exit_code is not None else 0
     by_kind: dict[str, list[dict[str, Any]]] = {}
@@ -297,8 +343,8 @@ def _interpret(
     exc = by_kind.get("exception", [None])[-1]
     tail = _tail(Path(info.log))
     failed = replace(info, log_tail=tail)
-    metrics, reasons, curve, outcome = _measured(spec, order, by_kind)
-    measured = {"metrics": metrics, "reasons": reasons, "curve": curve}
+    metrics, reasons, curve, outcome = _measured(spec, order, by_kind, window)
+    measured = {"metrics": metrics, "reasons": reasons, "curve": curve, "window": window}
     if timed_out:
         status = "ok" if outcome == "ok" else "budget_exhausted"
         error = f"trial timed out after {job.trial_timeout_s:g} s (--trial-timeout): its process group was killed"
@@ -334,30 +380,35 @@ def _missed(order: TrialOrder, by_kind: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def _measured(
-    spec: TrialSpec, order: TrialOrder, by_kind: dict[str, list[dict[str, Any]]]
+    spec: TrialSpec, order: TrialOrder, by_kind: dict[str, list[dict[str, Any]]], window: _Window
 ) -> tuple[dict[str, Any], dict[str, str], list[dict[str, Any]], str]:
     """(metrics, reasons, curve, outcome): outcome ``ok``, ``budget_exhausted`` or an error message."""
     end = by_kind.get("end", [{}])[-1]
     if spec.kind == "throughput":
-        window = next((e for e in by_kind.get("throughput", []) if "block_times_s" in e), None)
-        if window is None:
+        timed = next((e for e in by_kind.get("throughput", []) if "block_times_s" in e), None)
+        if timed is None:
             steps = end.get("steps", by_kind.get("throughput", [{}])[-1].get("steps", 0))
             return {}, {}, [], (
                 f"the script ended after {steps} steps, before bsprof's timed window completed one block: let it "
                 "run longer (it may stop when tracker.should_stop() says so)"
             )  # fmt: skip
         times = StepTimes(
-            tuple(window["block_times_s"]), window["steps_per_block"], window["batch_size"], window["warmup_steps"]
+            tuple(timed["block_times_s"]), timed["steps_per_block"], timed["batch_size"], timed["warmup_steps"]
         )
         metrics: dict[str, Any] = {
             "samples_per_s": times.samples_per_s,
             "step_time_s": times.median_s,
             "step_time_iqr_s": times.iqr_s,
             "measured_steps": times.measured_steps,
-            **window.get("memory", {}),
+            **timed.get("memory", {}),
         }
-        reasons = dict(window.get("memory_reasons", {}))
-        metrics["device"] = window.get("device")
+        reasons = dict(timed.get("memory_reasons", {}))
+        telemetry = window.over(timed.get("window_start_t"), timed.get("window_end_t"))
+        samples = times.measured_steps * times.batch_size
+        gpu, gpu_reasons = measured_gpu_metrics(telemetry, measured_s=times.measured_s, samples=samples)
+        metrics.update(gpu)
+        reasons.update(gpu_reasons)
+        metrics["device"] = timed.get("device")
         return metrics, reasons, [], "ok"
     evals = by_kind.get("eval", [])
     target = order.target
@@ -406,6 +457,7 @@ def _result(
     metrics: dict[str, Any] | None = None,
     reasons: dict[str, str] | None = None,
     curve: list[dict[str, Any]] | None = None,
+    window: _Window | None = None,
 ) -> TrialResult:
     metrics = dict(metrics or {})
     reported = metrics.pop("device", None)
@@ -421,5 +473,11 @@ def _result(
         reasons=dict(reasons or {}),
         error=error,
         curve=list(curve or []),
-        extra=TrialExtra(source="script", script=info),
+        extra=TrialExtra(
+            source="script",
+            script=info,
+            telemetry=tuple(downsample_rows(window.telemetry.series)) if window else (),
+            gpu_sampler=window.sampler if window else None,
+            monitor_mode=window.mode if window else None,
+        ),
     )
