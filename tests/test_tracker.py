@@ -148,3 +148,19 @@ def test_example_run_directly_behaves_exactly_as_without_the_tracker(tmp_path: P
     assert runs[0].returncode == runs[1].returncode == 0, runs[0].stderr + runs[1].stderr
     assert runs[0].stdout == runs[1].stdout  # the same losses and accuracies, epoch by epoch
     assert runs[0].stdout.count("epoch") == 3
+
+
+def test_block_timer_interrupt_keeps_evaluations_out_of_the_blocks() -> None:
+    s = TimingSettings(warmup_steps=1, warmup_s=0.0, min_time_s=1.0, min_steps=4, block_min_s=0.25, min_blocks=4)
+    dev = Fake()
+    timer = BlockTimer(batch_size=8, settings=s, sync=dev.sync, clock=dev.clock)
+    for steps in range(1, 1000):
+        dev.step()
+        if timer.step_done():
+            break
+        if steps % 5 == 0:
+            dev.now += 100.0  # an evaluation after the step, as a script runs one
+            timer.interrupt()
+    times = timer.result()
+    assert times is not None and timer.interrupted_blocks > 0
+    assert set(times.block_times_s) == {0.25}  # 2 steps of 0.125 s; no block holds an evaluation

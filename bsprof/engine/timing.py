@@ -251,7 +251,8 @@ class BlockTimer:
     steps count as warm-up); then consecutive blocks of that size are timed until ``min_time_s``,
     ``min_steps`` and ``min_blocks`` are met (or ``max_time_s`` has passed). The device is synchronised before
     every clock read, and only at block boundaries: between them :meth:`step_done` costs a counter increment.
-    There is no ``reset`` between blocks: the loop is the caller's.
+    There is no ``reset`` between blocks: the loop is the caller's. :meth:`interrupt` drops a block that an
+    evaluation (or anything else but training steps) ran into.
 
     Args:
         batch_size: Samples per step (for :attr:`StepTimes.samples_per_s`).
@@ -282,6 +283,7 @@ class BlockTimer:
         self.block_times_s: list[float] = []
         self.window_start_t: float | None = None
         self.window_end_t: float | None = None
+        self.interrupted_blocks = 0
         self.done = False
 
     def _read(self) -> float:
@@ -327,6 +329,18 @@ class BlockTimer:
         else:
             self._block *= 2
         return False
+
+    def interrupt(self) -> None:
+        """Something other than training steps ran since the last boundary (an evaluation): drop the block in
+        progress and start the next one now, so that no block holds that time. Warm-up and calibration
+        restart their current interval likewise."""
+        if self.done or self._phase == "start":
+            return
+        self._t_prev = self._read()
+        if self._phase == "timed" or self._phase == "calibrate":
+            self._in_block = 0
+        if self._phase == "timed":
+            self.interrupted_blocks += 1
 
     def result(self) -> StepTimes | None:
         """The blocks timed so far (complete blocks only), or ``None`` before the first one ended."""
