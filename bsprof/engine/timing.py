@@ -284,6 +284,9 @@ class BlockTimer:
         self.window_start_t: float | None = None
         self.window_end_t: float | None = None
         self.interrupted_blocks = 0
+        self._steps = 0
+        self._interrupted_at = 0
+        self._cap = 2**62  # the fewest steps seen between two interruptions: no block may be longer
         self.done = False
 
     def _read(self) -> float:
@@ -295,6 +298,7 @@ class BlockTimer:
         if self.done:
             return True
         s = self.settings
+        self._steps += 1
         self._in_block += 1
         if self._phase == "timed":
             if self._in_block < self.steps_per_block:
@@ -321,7 +325,7 @@ class BlockTimer:
             return False
         t = self._read()
         dt = t - self._t_prev
-        size = _block_size(dt / self._block, s)
+        size = min(_block_size(dt / self._block, s), self._cap)
         self._t_prev, self._in_block = t, 0
         if dt >= s.block_min_s or self._block >= size:
             self.steps_per_block, self._phase = size, "timed"
@@ -333,14 +337,22 @@ class BlockTimer:
     def interrupt(self) -> None:
         """Something other than training steps ran since the last boundary (an evaluation): drop the block in
         progress and start the next one now, so that no block holds that time. Warm-up and calibration
-        restart their current interval likewise."""
+        restart their current interval likewise. Blocks are kept no longer than the fewest steps seen between
+        two interruptions (a script evaluating every few steps gets short blocks rather than none)."""
         if self.done or self._phase == "start":
             return
+        self._cap = min(self._cap, max(1, self._steps - self._interrupted_at))
+        self._interrupted_at = self._steps
         self._t_prev = self._read()
-        if self._phase == "timed" or self._phase == "calibrate":
-            self._in_block = 0
-        if self._phase == "timed":
+        if self._phase == "timed" and self._in_block:
             self.interrupted_blocks += 1
+        if self._phase == "timed" and self.steps_per_block > self._cap:
+            # blocks this long never fit between two evaluations: calibrate again within the gap
+            self._phase, self._block, self.block_times_s = "calibrate", self._cap, []
+            self.window_start_t = self.window_end_t = None
+        if self._phase != "warmup":
+            self._block = min(self._block, self._cap)
+            self._in_block = 0
 
     def result(self) -> StepTimes | None:
         """The blocks timed so far (complete blocks only), or ``None`` before the first one ended."""
