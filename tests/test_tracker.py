@@ -151,7 +151,7 @@ def test_example_run_directly_behaves_exactly_as_without_the_tracker(tmp_path: P
 
 
 def test_block_timer_interrupt_keeps_evaluations_out_of_the_blocks() -> None:
-    s = TimingSettings(warmup_steps=1, warmup_s=0.0, min_time_s=1.0, min_steps=4, block_min_s=0.25, min_blocks=4)
+    s = TimingSettings(warmup_steps=1, warmup_s=1.0, min_time_s=1.0, min_steps=4, block_min_s=0.25, min_blocks=4)
     dev = Fake()
     timer = BlockTimer(batch_size=8, settings=s, sync=dev.sync, clock=dev.clock)
     for steps in range(1, 1000):
@@ -164,3 +164,4 @@ def test_block_timer_interrupt_keeps_evaluations_out_of_the_blocks() -> None:
     times = timer.result()
     assert times is not None and timer.interrupted_blocks > 0
     assert set(times.block_times_s) == {0.25}  # 2 steps of 0.125 s; no block holds an evaluation
+    assert times.warmup_steps < 40  # the warm-up (untimed) was not restarted by the evaluations

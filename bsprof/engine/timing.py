@@ -336,13 +336,15 @@ class BlockTimer:
 
     def interrupt(self) -> None:
         """Something other than training steps ran since the last boundary (an evaluation): drop the block in
-        progress and start the next one now, so that no block holds that time. Warm-up and calibration
-        restart their current interval likewise. Blocks are kept no longer than the fewest steps seen between
+        progress and start the next one now, so that no block holds that time (calibration likewise; the
+        untimed warm-up goes on). Blocks are kept no longer than the fewest steps seen between
         two interruptions (a script evaluating every few steps gets short blocks rather than none)."""
         if self.done or self._phase == "start":
             return
         self._cap = min(self._cap, max(1, self._steps - self._interrupted_at))
         self._interrupted_at = self._steps
+        if self._phase == "warmup":
+            return  # warm-up is untimed: it may include evaluations
         self._t_prev = self._read()
         if self._phase == "timed" and self._in_block:
             self.interrupted_blocks += 1
@@ -350,9 +352,8 @@ class BlockTimer:
             # blocks this long never fit between two evaluations: calibrate again within the gap
             self._phase, self._block, self.block_times_s = "calibrate", self._cap, []
             self.window_start_t = self.window_end_t = None
-        if self._phase != "warmup":
-            self._block = min(self._block, self._cap)
-            self._in_block = 0
+        self._block = min(self._block, self._cap)
+        self._in_block = 0
 
     def result(self) -> StepTimes | None:
         """The blocks timed so far (complete blocks only), or ``None`` before the first one ended."""
