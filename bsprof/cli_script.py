@@ -16,7 +16,12 @@ from bsprof.errors import BadInput
 
 __all__ = ["add_script_options", "script_command", "script_job", "split_command", "with_log_dir"]
 
-_NOT_FOR_SCRIPTS = (("amp", "off", "--amp"), ("compile", False, "--compile"), ("profile", False, "--profile"))
+_NOT_FOR_SCRIPTS = (
+    ("amp", "off", "--amp"),
+    ("compile", False, "--compile"),
+    ("profile", False, "--profile"),
+    ("measure_gns", False, "--measure-gns"),
+)
 
 
 def add_script_options(p: argparse.ArgumentParser) -> None:

@@ -41,9 +41,9 @@ from bsprof.engine.monitors import Monitor
 from bsprof.engine.result import ScriptInfo, TrialExtra, TrialResult, TrialSpec
 from bsprof.engine.script_protocol import ENV_VAR, TrialOrder, read_events
 from bsprof.engine.target import TargetWatch
-from bsprof.engine.telemetry import Telemetry, downsample_rows, measured_gpu_metrics
+from bsprof.engine.telemetry import Telemetry, downsample_rows
 from bsprof.engine.timing import StepTimes
-from bsprof.engine.trial import default_gpu_sampler, ended
+from bsprof.engine.trial import default_gpu_sampler, ended, throughput_metrics
 from bsprof.errors import BadInput
 
 if TYPE_CHECKING:
@@ -395,19 +395,10 @@ def _measured(
         times = StepTimes(
             tuple(timed["block_times_s"]), timed["steps_per_block"], timed["batch_size"], timed["warmup_steps"]
         )
-        metrics: dict[str, Any] = {
-            "samples_per_s": times.samples_per_s,
-            "step_time_s": times.median_s,
-            "step_time_iqr_s": times.iqr_s,
-            "measured_steps": times.measured_steps,
-            **timed.get("memory", {}),
-        }
-        reasons = dict(timed.get("memory_reasons", {}))
         telemetry = window.over(timed.get("window_start_t"), timed.get("window_end_t"))
-        samples = times.measured_steps * times.batch_size
-        gpu, gpu_reasons = measured_gpu_metrics(telemetry, measured_s=times.measured_s, samples=samples)
-        metrics.update(gpu)
-        reasons.update(gpu_reasons)
+        device = torch.device(timed.get("device") or "cpu")
+        memory = (timed.get("memory", {}), timed.get("memory_reasons", {}))
+        metrics, reasons = throughput_metrics(times, telemetry, device, memory=memory)
         metrics["device"] = timed.get("device")
         return metrics, reasons, [], "ok"
     evals = by_kind.get("eval", [])

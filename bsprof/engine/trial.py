@@ -267,11 +267,17 @@ def memory_metrics(
 
 
 def throughput_metrics(
-    times: StepTimes, telemetry: Telemetry, device: torch.device, baseline_bytes: int | None = None
+    times: StepTimes,
+    telemetry: Telemetry,
+    device: torch.device,
+    baseline_bytes: int | None = None,
+    *,
+    memory: tuple[dict[str, Any], dict[str, str]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The measured columns of a throughput trial: step-time statistics (with the within-trial drift and its
     flag, ``step_time_drift_rel`` and ``step_time_drifted``), memory, GPU telemetry over the timed steps; and
-    the reasons of the empty ones."""
+    the reasons of the empty ones. ``memory``: the :func:`memory_metrics` of another process (a script
+    trial's child measures its own), used instead of this process's."""
     metrics: dict[str, Any] = {
         "samples_per_s": times.samples_per_s,
         "step_time_s": times.median_s,
@@ -283,7 +289,7 @@ def throughput_metrics(
     reasons: dict[str, str] = {}
     samples = times.measured_steps * times.batch_size
     for m, r in (
-        memory_metrics(device, telemetry, baseline_bytes),
+        memory if memory is not None else memory_metrics(device, telemetry, baseline_bytes),
         measured_gpu_metrics(telemetry, measured_s=times.measured_s, samples=samples),
     ):
         metrics.update(m)
