@@ -21,6 +21,8 @@ _NOT_FOR_SCRIPTS = (
     ("compile", False, "--compile"),
     ("profile", False, "--profile"),
     ("measure_gns", False, "--measure-gns"),
+    ("nproc_per_node", None, "--nproc-per-node"),
+    ("executor", "local", "--executor"),
 )
 
 
