@@ -88,6 +88,8 @@ class ScriptJob:
         trial_timeout_s: Seconds after which a trial's process group is killed (``None``: no limit).
         log_dir: Folder of the trials' folders (logs and events).
         cwd: Working directory of the command (``None``: this process's).
+        metric_name: What the script's evaluations report (for messages).
+        metric_range: The metric's possible values, when known (``None``: unbounded).
     """
 
     name: str
@@ -101,6 +103,8 @@ class ScriptJob:
     trial_timeout_s: float | None = None
     log_dir: str = "reports/script-logs"
     cwd: str | None = None
+    metric_name: str = "metric"
+    metric_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.command:
