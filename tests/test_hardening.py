@@ -410,3 +410,17 @@ def test_lower_is_better_learning_curves_use_a_log_axis_so_a_small_target_shows(
     higher = json.dumps(learning_curves_chart(curves, {"r": 0.05}, "mse").to_dict())
     assert '"type": "log"}, "title": "mse (log scale)"' in lower
     assert "mse (log scale)" not in higher
+
+
+def test_report_wall_clock_chart_picks_its_unit_from_the_data() -> None:
+    import json
+
+    import pandas as pd
+
+    from bsprof.report.tradeoff_charts import headline_chart
+
+    t = pd.DataFrame({"run": "r", "batch_size": [8, 16, 32], "wallclock_to_target_s": [4e-4, 2e-4, 3e-4],
+                      "samples_to_target": [80, 96, 128], "steps_to_target": [10, 6, 4]})  # fmt: skip
+    spec = json.dumps(headline_chart(t).to_dict())
+    assert "wall-clock to target (µs, log scale)" in spec.encode().decode("unicode_escape")
+    assert '"labelOverlap": "greedy"' in spec

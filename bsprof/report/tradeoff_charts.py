@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bsprof.formatting import TIME_UNITS, select_unit
+
 if TYPE_CHECKING:
     import altair as alt
     import pandas as pd
@@ -44,7 +46,9 @@ def headline_chart(tradeoff: pd.DataFrame, fits: pd.DataFrame | None = None) -> 
     if t.empty:
         raise ValueError("no wall-clock-to-target: the table needs both throughput and convergence trials")
     t["best"] = t["wallclock_to_target_s"] == t.groupby("run")["wallclock_to_target_s"].transform("min")
-    t = t[["run", "batch_size", "wallclock_to_target_s", "samples_to_target", "steps_to_target", "best"]]
+    unit, per_unit_s = select_unit(t["wallclock_to_target_s"], TIME_UNITS)  # from the data: ms, µs, ... not 0.0001 s
+    t["wallclock"] = t["wallclock_to_target_s"] / per_unit_s
+    t = t[["run", "batch_size", "wallclock", "samples_to_target", "steps_to_target", "best"]]
     bs = _batch_sizes(t)
     dom = _domain(bs)
     color = _run_color(t)
@@ -65,12 +69,17 @@ def headline_chart(tradeoff: pd.DataFrame, fits: pd.DataFrame | None = None) -> 
             layers.append(alt.Chart(f).mark_rule(strokeDash=[2, 2]).encode(x=alt.X("b:Q"), color=color, tooltip=tips))
     base = alt.Chart(t).encode(
         x=_x_batch(bs, domain=dom),
-        y=alt.Y("wallclock_to_target_s:Q", scale=alt.Scale(type="log"), title="wall-clock to target (s, log scale)"),
+        y=alt.Y(
+            "wallclock:Q",
+            scale=alt.Scale(type="log"),
+            title=f"wall-clock to target ({unit}, log scale)",
+            axis=alt.Axis(format="~g", labelOverlap="greedy", labelSeparation=4),  # no cramped log-axis labels
+        ),
         color=color,
         tooltip=[
             _tip("run:N", "run"),
             _tip("batch_size:Q", "B"),
-            _tip("wallclock_to_target_s:Q", "wall-clock to target (s)", ".3g"),
+            _tip("wallclock:Q", f"wall-clock to target ({unit})", ".3g"),
             _tip("steps_to_target:Q", "steps to target", ",.0f"),
             _tip("samples_to_target:Q", "samples to target", ",.0f"),
         ],
