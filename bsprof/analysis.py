@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "INPUT_BOUND_FRAC",
     "MAXIMAL_SLOPE",
     "PERFECT_SLOPE",
     "Fits",
@@ -27,6 +28,7 @@ __all__ = [
     "convergence_table",
     "fit_groups",
     "fit_steps_model",
+    "input_bound_notes",
     "median_to_target",
     "regime_of",
     "reported_convergence",
@@ -51,6 +53,32 @@ def _drift(ok: pd.DataFrame) -> dict[str, Any]:
     return {"drifted_trials": int(sum(f is True or f == 1 for f in flags.dropna())), "step_time_drift_rel": worst}
 
 
+INPUT_BOUND_FRAC = 0.2
+"""A batch size is *input-bound* when at least this share of its step time is spent waiting for data."""
+
+_DATA_COLUMNS = ("micro_batch_size", "accumulation_steps", "data_wait_s", "data_wait_frac")
+
+
+def _median(rows: pd.DataFrame, col: str) -> float:
+    if col not in rows.columns:
+        return math.nan
+    v = rows[col].astype(float).dropna()
+    return float(v.median()) if len(v) else math.nan
+
+
+def input_bound_notes(throughput: pd.DataFrame) -> list[str]:
+    """One line per input-bound batch size of a :func:`throughput_table`, e.g. ``B=1024: 38% of step time
+    waiting for data; add DataLoader workers or make loading cheaper``."""
+    if "input_bound" not in throughput.columns:
+        return []
+    rows = throughput[throughput["input_bound"].fillna(False).astype(bool)]
+    return [
+        f"B={int(r.batch_size)}: {float(r.data_wait_frac):.0%} of step time waiting for data "
+        f"({float(r.data_wait_s) * 1e3:.3g} ms per step); add DataLoader workers or make loading cheaper"
+        for r in rows.itertuples()
+    ]
+
+
 def throughput_table(trials: pd.DataFrame) -> pd.DataFrame:
     """Per (workload, device, batch size): throughput trials aggregated over repeats and seeds.
 
@@ -64,8 +92,11 @@ def throughput_table(trials: pd.DataFrame) -> pd.DataFrame:
         (max), ``speedup`` (samples/s relative to the smallest batch size with a measurement),
         ``scaling_efficiency`` (speedup divided by the batch-size ratio; 1 = perfect linear scaling),
         ``drifted_trials`` (ok trials whose step time drifted within the trial, the engine's
-        ``step_time_drifted``; 0 where not recorded) and ``step_time_drift_rel`` (the largest drift, signed:
-        last blocks against first, relative; NaN where not recorded).
+        ``step_time_drifted``; 0 where not recorded), ``step_time_drift_rel`` (the largest drift, signed:
+        last blocks against first, relative; NaN where not recorded),
+        ``micro_batch_size`` and ``accumulation_steps`` (gradient accumulation), ``data_wait_s`` (median seconds
+        per step waiting for the next batch; NaN for in-memory data), ``data_wait_frac`` (its median share of
+        the step time) and ``input_bound`` (``data_wait_frac >= INPUT_BOUND_FRAC``).
     """
     import pandas as pd
 
@@ -86,6 +117,8 @@ def throughput_table(trials: pd.DataFrame) -> pd.DataFrame:
         "scaling_efficiency",
         "drifted_trials",
         "step_time_drift_rel",
+        *_DATA_COLUMNS,
+        "input_bound",
     ]
     tp = trials[trials["kind"] == "throughput"]
     rows = []
@@ -109,9 +142,11 @@ def throughput_table(trials: pd.DataFrame) -> pd.DataFrame:
                 if len(ok) and ok["peak_mem_bytes"].notna().any()
                 else math.nan,
                 **_drift(ok),
+                **{c: _median(ok, c) for c in _DATA_COLUMNS},
             }
         )
     table = pd.DataFrame(rows, columns=cols)
+    table["input_bound"] = table["data_wait_frac"].astype(float) >= INPUT_BOUND_FRAC
     for _, g in table.groupby(["workload", "device"]):
         measured = g[g["samples_per_s"].notna()]
         if measured.empty:

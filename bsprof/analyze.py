@@ -67,6 +67,8 @@ class Analysis:
         noise_scale: :func:`bsprof.noise_analysis.noise_scale_table`.
         steps_prediction: :func:`bsprof.noise_analysis.steps_prediction_table`.
         stability: :func:`bsprof.stability.stability_table` (busy / unstable / stable per batch size).
+        input_bound: :func:`bsprof.analysis.input_bound_notes` of the throughput table (one line per
+            input-bound batch size).
     """
 
     throughput: pd.DataFrame
@@ -80,6 +82,7 @@ class Analysis:
     noise_scale: pd.DataFrame | None = None
     steps_prediction: pd.DataFrame | None = None
     stability: pd.DataFrame | None = None
+    input_bound: tuple[str, ...] = ()
 
 
 def analyze(trials: pd.DataFrame, lr_rule: str | None = None, noise_trials: pd.DataFrame | None = None) -> Analysis:
@@ -111,6 +114,7 @@ def analyze(trials: pd.DataFrame, lr_rule: str | None = None, noise_trials: pd.D
         noise_scale=noise_scale_table(gns_trials),
         steps_prediction=steps_prediction_table(critical, conv, tp),
         stability=stability_table(trials),
+        input_bound=tuple(analysis.input_bound_notes(tp)),
     )
 
 

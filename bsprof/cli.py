@@ -178,6 +178,12 @@ def build_parser() -> _Parser:
         metavar="N",
         help="measure a throughput trial taken on a busy host again, up to N times (default: 2; README, 'Noisy hosts')",
     )
+    sw.add_argument(
+        "--micro-batch-size",
+        metavar="M",
+        help="samples per forward/backward pass; larger batch sizes accumulate gradients over ceil(B/M) passes per "
+        "optimizer step; 'auto': the largest that fits (max-batch finder) (default: none, one pass)",
+    )
     tg = sw.add_argument_group("throughput trials")
     tg.add_argument(
         "--min-time",
@@ -223,6 +229,12 @@ def build_parser() -> _Parser:
         "--base-lr",
         type=_positive(float),
         help="override the workload's base LR (at its base batch size) that the LR rule scales from",
+    )
+    cg.add_argument(
+        "--lr-schedule",
+        metavar="SPEC",
+        help="LR schedule in samples or epochs, the same in data terms at every batch size, e.g. "
+        "cosine:warmup=2048,total=65536 or linear:warmup=0.5,total=10,unit=epochs,final=0.1 (default: constant)",
     )
     cg.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default: 0)")
     cg.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up epochs (default: 0)")

@@ -66,7 +66,25 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     engine_kwargs: dict[str, Any] = {
         k: getattr(args, k) for k in ("monitor_hz", "peak_tflops", "profile") if getattr(args, k, None) is not None
     }
+    engine_kwargs.update(_data_settings(args))
     return workload, EngineSettings(device=device, amp=args.amp, compile=args.compile, **timing_kwargs, **engine_kwargs)
+
+
+def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``micro_batch_size`` and ``lr_schedule`` from ``--micro-batch-size`` and ``--lr-schedule``."""
+    from bsprof.engine.schedules import LRSchedule
+
+    out: dict[str, Any] = {}
+    micro = getattr(args, "micro_batch_size", None)
+    if micro is not None and micro != "auto":
+        if not micro.isdigit() or int(micro) < 1:
+            raise BadInput(f"--micro-batch-size {micro!r}: give a positive integer or 'auto'")
+        out["micro_batch_size"] = int(micro)
+    if getattr(args, "lr_schedule", None):
+        if args.warmup_steps or args.warmup_epochs:
+            raise BadInput("--lr-schedule has its own warm-up (warmup=...): drop --warmup-steps/--warmup-epochs")
+        out["lr_schedule"] = LRSchedule.parse(args.lr_schedule)
+    return out
 
 
 def _store_path(args: argparse.Namespace) -> Path:
@@ -141,6 +159,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         tune_lr=args.tune_lr,
         skip_larger_after_oom=args.skip_larger,
         remeasure_busy=max(0, getattr(args, "remeasure", 2)),
+        auto_micro_batch=args.micro_batch_size == "auto",
         convergence=_convergence_settings(args, workload),
     )
     executor, follower_done = None, None
@@ -287,6 +306,8 @@ def _warn_batches_above_training_set(workload: Any, batch_sizes: Sequence[int]) 
     try:
         n_train = len(workload.train_split())
     except TypeError:  # an iterable dataset has no length: nothing to compare with
+        return
+    except Exception:  # noqa: BLE001 - a broken train_split() is reported in one line by the pre-trial validation
         return
     over = [b for b in batch_sizes if b > n_train]
     if over:

@@ -207,6 +207,8 @@ def print_summary(
         if not wide:
             console.print("time to target = steps to target x step time (est.); more columns: --wide")
         _print_stability(console, a.stability)
+        for note in a.input_bound:
+            console.print(f"[yellow]input-bound:[/yellow] {note}")
         disagree = table[table["time_estimate_disagrees"].astype(bool)]
         if len(disagree):
             ratios = ", ".join(f"B={int(r.batch_size)} {r.time_to_target_ratio:.2f}x" for r in disagree.itertuples())

@@ -26,11 +26,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bsprof.errors import BadInput
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
     from torch import nn
 
@@ -42,33 +44,47 @@ TARGET_RTOL = 1e-6
 
 @dataclass(frozen=True)
 class Split:
-    """One in-memory split of a dataset: ``inputs[i]`` goes with ``targets[i]``.
+    """One in-memory split of a dataset: example ``i`` is ``inputs[i]`` with ``targets[i]``.
+
+    ``inputs`` and ``targets`` are tensors, or any nesting of tensors (dict, tuple, list, dataclass; see
+    :mod:`bsprof.engine.batches`) whose first dimension indexes examples.
 
     Attributes:
-        inputs: Tensor whose first dimension indexes examples.
-        targets: Tensor whose first dimension indexes examples.
+        inputs: Tensor (or nesting of tensors) whose first dimension indexes examples.
+        targets: Tensor (or nesting of tensors) whose first dimension indexes examples.
     """
 
-    inputs: torch.Tensor
-    targets: torch.Tensor
+    inputs: Any
+    targets: Any
 
     def __post_init__(self) -> None:
-        if self.inputs.shape[0] != self.targets.shape[0]:
-            raise ValueError(f"inputs and targets differ in length: {self.inputs.shape[0]} != {self.targets.shape[0]}")
+        from bsprof.engine.batches import batch_size_of
+
+        n_in, n_out = batch_size_of(self.inputs), batch_size_of(self.targets)
+        if n_in != n_out:
+            raise ValueError(f"inputs and targets differ in length: {n_in} != {n_out}")
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        from bsprof.engine.batches import batch_size_of
+
+        return batch_size_of(self.inputs)
 
     def to(self, device: torch.device | str) -> Split:
         """The same split on ``device`` (no copy when it is already there)."""
-        return Split(self.inputs.to(device), self.targets.to(device))
+        from bsprof.engine.batches import to_device
+
+        return Split(to_device(self.inputs, device), to_device(self.targets, device))
 
 
 class Workload(ABC):
     """A PyTorch training job that bsprof can sweep over batch sizes.
 
     Subclasses set the class attributes and implement the abstract methods. Data live in memory
-    (:class:`Split`); the engine moves them to the trial's device once and batches by index.
+    (:class:`Split`: the engine moves them to the trial's device once and batches by index, the fast path), or
+    come from a ``torch.utils.data.Dataset`` returned by :meth:`train_split`, or from the workload's own loader
+    (:meth:`make_loader`). Batches may be any nesting of tensors; :meth:`compute_loss` and
+    :meth:`eval_outputs` say how the model consumes them. The engine owns the step (including gradient
+    accumulation and the LR schedule), the timer and the evaluation schedule.
 
     Attributes:
         name: Short identifier, e.g. ``"digits-mlp"``.
@@ -85,6 +101,11 @@ class Workload(ABC):
         metric_is_mean: ``True`` when :meth:`metric` is a mean over examples, so it may be computed per
             evaluation batch and averaged weighted by batch size; ``False`` to have it computed once over the
             whole split (R², AUC, F1, perplexity).
+        loss_reduction: How :meth:`loss` / :meth:`compute_loss` reduce over the examples of a batch: ``mean``
+            or ``sum``; gradient accumulation scales micro-batch losses accordingly.
+        num_workers: DataLoader worker processes for a Dataset returned by :meth:`train_split` /
+            :meth:`val_split` (0: load in the training process).
+        pin_memory: Page-locked host batches from such a Dataset when training on a GPU.
     """
 
     name: str = "workload"
@@ -98,22 +119,66 @@ class Workload(ABC):
     eval_batch_size: int = 1024
     metric_is_mean: bool = True
     metric_range: tuple[float, float] | None = None
+    loss_reduction: str = "mean"
+    num_workers: int = 0
+    pin_memory: bool = True
 
     @abstractmethod
     def build_model(self, seed: int) -> nn.Module:
         """A freshly initialised model; the same ``seed`` gives the same weights."""
 
     @abstractmethod
-    def train_split(self) -> Split:
-        """The training data, on the CPU (the engine moves it to the trial's device)."""
+    def train_split(self) -> Split | torch.utils.data.Dataset:
+        """The training data, on the CPU: a :class:`Split` (the engine moves it to the trial's device once), a
+        map-style ``Dataset`` (sampled with a seeded sampler, collated by :meth:`collate`) or an iterable-style
+        one (batched in its own order). Not used for training when :meth:`make_loader` returns a loader."""
 
     @abstractmethod
-    def val_split(self) -> Split:
-        """The validation data, on the CPU."""
+    def val_split(self) -> Split | torch.utils.data.Dataset:
+        """The validation data, on the CPU: a :class:`Split` or a ``Dataset`` (evaluated in order)."""
 
-    @abstractmethod
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The scalar training loss of one batch."""
+    def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """The scalar training loss of one batch (used by the default :meth:`compute_loss`)."""
+        raise NotImplementedError(
+            f"workload {self.name}: implement loss(outputs, targets) or compute_loss(model, batch)"
+        )
+
+    def compute_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The scalar training loss of one batch (or micro-batch), reduced as :attr:`loss_reduction` says.
+
+        ``batch`` is what the data yield, already on the trial's device: ``(inputs, targets)`` for a
+        :class:`Split`, the collated batch of a Dataset or loader. ``model`` is the (possibly compiled) model.
+        Default: ``inputs, targets = batch; loss(model(inputs), targets)``. Override it for models that compute
+        their own loss, e.g. ``return model(**batch).loss`` for HuggingFace models.
+        """
+        inputs, targets = batch
+        return self.loss(model(inputs), targets)
+
+    def eval_outputs(self, model: nn.Module, batch: Any) -> tuple[Any, Any]:
+        """What :meth:`metric` needs from one evaluation batch: ``(outputs, targets)``. Runs under
+        ``torch.no_grad()`` with the model in eval mode. Default: ``inputs, targets = batch; (model(inputs),
+        targets)``."""
+        inputs, targets = batch
+        return model(inputs), targets
+
+    def make_loader(self, batch_size: int, seed: int) -> Iterable[Any] | None:
+        """Optional: the training loader of one trial, e.g. a ``DataLoader`` with the user's sampler, workers
+        and collate function, yielding batches of ``batch_size`` examples in an order seeded by ``seed``.
+        A short last batch of a pass is completed from the next pass (see :mod:`bsprof.engine.data`).
+        Default ``None``: train on :meth:`train_split`."""
+        return None
+
+    def collate(self, items: list[Any]) -> Any:
+        """A batch from a list of examples of a Dataset returned by :meth:`train_split` / :meth:`val_split`.
+        Default: ``torch.utils.data.default_collate``."""
+        from torch.utils.data import default_collate
+
+        return default_collate(items)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, batch_size: int) -> Any:
+        """Optional: a ``torch.optim.lr_scheduler`` for ``optimizer``, stepped after every optimizer step of a
+        trial at ``batch_size``. Default ``None`` (the engine applies ``--lr-schedule``, if any)."""
+        return None
 
     def make_optimizer(self, params: object, lr: float) -> torch.optim.Optimizer:
         """The optimizer for ``params`` at learning rate ``lr``. Default: SGD with Nesterov momentum 0.9."""

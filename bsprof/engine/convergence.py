@@ -24,6 +24,7 @@ Hoffer et al. 2017).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -32,13 +33,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bsprof.engine.batches import batch_size_of, concat_batches, slice_batch, to_device
+from bsprof.engine.data import eval_batches, is_map_dataset, is_split, make_source
 from bsprof.engine.device import synchronizer
 from bsprof.engine.noise_scale import GnsSettings, NoiseScaleTracker
 from bsprof.engine.step import TrainingStep, flush_denormal
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, begin_trial, ended, run_guarded
 
 if TYPE_CHECKING:
-    from bsprof.workload import Split, Workload
+    from bsprof.workload import Workload
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ConvergenceSettings", "EvalSchedule", "evaluate", "run_convergence_trial"]
 
@@ -112,46 +117,83 @@ class EvalSchedule:
         return max(step + 1, math.floor(step / (1 - self.resolution)))
 
 
-def evaluate(model: torch.nn.Module, workload: Workload, split: Split) -> float:
-    """The workload's metric over ``split`` in float64 (model left in train mode afterwards).
+def evaluate(model: torch.nn.Module, workload: Workload, data: Any, device: torch.device | None = None) -> float:
+    """The workload's metric over ``data`` in float64 (model left in train mode afterwards).
 
-    A mean metric (:attr:`~bsprof.workload.Workload.metric_is_mean`) is computed per evaluation batch and
-    averaged weighted by batch size; any other gets one call over the concatenated outputs and targets of
-    every batch.
+    ``data`` is a split or a dataset, read in evaluation batches of ``workload.eval_batch_size`` moved to
+    ``device``; :meth:`~bsprof.workload.Workload.eval_outputs` gives what the metric needs. A mean metric
+    (:attr:`~bsprof.workload.Workload.metric_is_mean`) is computed per evaluation batch and averaged weighted by
+    the batch's number of targets; any other gets one call over the concatenated outputs and targets of every
+    batch.
     """
     from bsprof.errors import MeasurementFailed
 
-    if len(split) == 0:
-        raise MeasurementFailed(f"workload {workload.name}: the evaluation split is empty (no example to score)")
     model.eval()
     weighted: list[float] = []
-    outputs: list[torch.Tensor] = []
+    count = 0
+    outputs: list[Any] = []
+    targets: list[Any] = []
     with torch.no_grad():
-        for start in range(0, len(split), workload.eval_batch_size):
-            x = split.inputs[start : start + workload.eval_batch_size]
-            y = split.targets[start : start + workload.eval_batch_size]
+        for batch in eval_batches(data, workload.eval_batch_size, collate_fn=workload.collate):
+            out, tgt = workload.eval_outputs(model, batch if device is None else to_device(batch, device))
             if workload.metric_is_mean:
-                weighted.append(float(workload.metric(model(x), y)) * len(x))
+                n = batch_size_of(tgt)
+                weighted.append(float(workload.metric(out, tgt)) * n)
+                count += n
             else:
-                outputs.append(model(x))
+                outputs.append(out)
+                targets.append(tgt)
     model.train()
+    if not (count if workload.metric_is_mean else outputs):
+        raise MeasurementFailed(f"workload {workload.name}: the evaluation split is empty (no example to score)")
     if workload.metric_is_mean:
-        value = math.fsum(weighted) / len(split)
+        value = math.fsum(weighted) / count
     else:
-        value = float(workload.metric(torch.cat(outputs), split.targets))
+        value = float(workload.metric(concat_batches(outputs), concat_batches(targets)))
     if math.isnan(value):
         raise MeasurementFailed(f"workload {workload.name}: its metric {workload.metric_name} returned NaN")
     return value
 
 
-def _grad_norm(model: torch.nn.Module, workload: Workload, probe: Split) -> float:
+def _grad_norm(model: torch.nn.Module, workload: Workload, probe: Any) -> float:
     model.eval()
     model.zero_grad(set_to_none=True)
-    workload.loss(model(probe.inputs), probe.targets).backward()
+    workload.compute_loss(model, probe).backward()
     sq = sum(float(p.grad.detach().pow(2).sum()) for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
     model.train()
     return math.sqrt(sq)
+
+
+def _eval_data(workload: Workload, step: TrainingStep, device: torch.device) -> tuple[Any, Any]:
+    """The validation data (a split on ``device``, or a dataset) and the training data the final train metric
+    is computed on: the in-memory split, or the first examples of a map-style dataset, at most four times as
+    many as the validation data (``None`` for an iterable-style dataset, which may not end)."""
+    val = workload.val_split()
+    if is_split(val):
+        val = val.to(device)
+    if step.train is not None:
+        return val, step.train
+    train = workload.train_split()
+    if is_split(train):
+        return val, train
+    if not is_map_dataset(train):
+        return val, None
+    cap = 4 * len(val)
+    return val, torch.utils.data.Subset(train, range(cap)) if len(train) > cap else train
+
+
+def _probe_batch(workload: Workload, step: TrainingStep, size: int, device: torch.device) -> Any:
+    """The fixed batch on which the gradient norm is measured: the first ``size`` training examples of an
+    in-memory split, else the first batch of a fresh seed-0 source of at most one micro-batch."""
+    if step.train is not None:
+        n = min(size, len(step.train))
+        return slice_batch(step.train.inputs, 0, n), slice_batch(step.train.targets, 0, n)
+    source = make_source(workload, min(size, step.plan.micro_batch_size), 0, device)
+    try:
+        return to_device(source.next(), device)
+    finally:
+        source.close()
 
 
 def _distance(model: torch.nn.Module, init: list[torch.Tensor]) -> float:
@@ -197,24 +239,43 @@ def _train(
     target: float,
     started: float,
 ) -> TrialResult:
-    device = settings.device
-    sync = synchronizer(device)
     begin_trial(settings)
     step = TrainingStep.for_trial(workload, spec, settings)
+    try:
+        return _train_steps(workload, spec, settings, conv, target, started, step)
+    finally:
+        step.close()
+
+
+def _train_steps(
+    workload: Workload,
+    spec: TrialSpec,
+    settings: EngineSettings,
+    conv: ConvergenceSettings,
+    target: float,
+    started: float,
+    step: TrainingStep,
+) -> TrialResult:
+    device = settings.device
+    sync = synchronizer(device)
     compile_s = _compile_before_the_clock(step, sync) if settings.compile else None
-    val = workload.val_split().to(device)
-    probe_n = min(conv.probe_size, len(step.train))
-    probe = type(val)(step.train.inputs[:probe_n], step.train.targets[:probe_n])
+    val, train_eval = _eval_data(workload, step, device)
+    probe = _probe_batch(workload, step, conv.probe_size, device)
     init = [p.detach().clone() for p in step.model.parameters()]
     tracker = None
-    if conv.gns is not None:  # beside training: its own batches, no .grad, buffers or RNG touched
+    plain_split = step.train is not None and isinstance(step.train.inputs, torch.Tensor)
+    if conv.gns is not None and not plain_split:
+        log.warning("--measure-gns needs an in-memory Split of tensors; %s has other data: not measured", workload.name)
+    elif conv.gns is not None:  # beside training: its own batches, no .grad, buffers or RNG touched
         tracker = NoiseScaleTracker(step.model, workload.loss, step.train.inputs, step.train.targets,
                                     trial_batch_size=spec.batch_size, seed=spec.seed, settings=conv.gns)  # fmt: skip
-    n_train = len(step.train)
-    warmup = conv.warmup_for(spec.batch_size, n_train)
+    n_train = step.n_train
+    warmup = conv.warmup_for(spec.batch_size, n_train or 0)
     max_steps = conv.max_steps if conv.max_steps is not None else math.inf
-    if conv.max_epochs is not None:
+    if conv.max_epochs is not None and n_train:
         max_steps = min(max_steps, math.ceil(conv.max_epochs * n_train / spec.batch_size))
+    if max_steps == math.inf and conv.max_time_s is None:
+        raise ValueError("the training data have no length, so --max-epochs cannot bound the trial: give --max-steps")
     schedule = EvalSchedule(conv.resolution, conv.eval_every)
 
     curve: list[dict[str, Any]] = []
@@ -268,7 +329,7 @@ def _train(
                 {
                     "step": s,
                     "samples": step.samples_done,
-                    "epochs": step.batcher.epochs,
+                    "epochs": step.epochs,
                     "train_s": train_s,
                     "train_loss": mean_loss if math.isfinite(mean_loss) else None,
                     "val_metric": None,
@@ -277,11 +338,11 @@ def _train(
             break
         if at_eval or out_of_budget:
             e0 = time.perf_counter()
-            (metric,), _ = step.agree((evaluate(step.model, workload, val),), ())  # replicas: the same value
+            (metric,), _ = step.agree((evaluate(step.model, workload, val, device),), ())  # replicas: the same value
             row = {
                 "step": s,
                 "samples": step.samples_done,
-                "epochs": step.batcher.epochs,
+                "epochs": step.epochs,
                 "train_s": train_s,
                 "train_loss": mean_loss,
                 "val_metric": metric,
@@ -325,7 +386,9 @@ def _train(
         t = time.perf_counter()
 
     e0 = time.perf_counter()
-    final_train = evaluate(step.model, workload, step.train) if status != "diverged" else None
+    final_train = None
+    if status != "diverged" and train_eval is not None:
+        final_train = evaluate(step.model, workload, train_eval, device)
     final_val = curve[-1]["val_metric"] if curve and curve[-1]["val_metric"] is not None else None
     eval_s += time.perf_counter() - e0
     metrics: dict[str, Any] = {

@@ -29,24 +29,90 @@ in-memory source is not timed (its index gather is part of the step).
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from bsprof.engine.batches import BatchError, batch_size_of, concat_batches, map_tensors, slice_batch
-from bsprof.engine.step import IndexBatcher
+from bsprof.errors import BadInput
+
+if TYPE_CHECKING:
+    from bsprof.workload import Workload
 
 __all__ = [
     "BatchSource",
     "DatasetSource",
+    "IndexBatcher",
     "LoaderSource",
     "SeededBatchSampler",
     "SplitSource",
+    "data_wait_metrics",
     "eval_batches",
     "is_map_dataset",
+    "is_split",
+    "make_source",
 ]
+
+
+# Epochs drawn ahead per refill: enough for this many indices, but at most _REFILL_MAX_EPOCHS permutations. A refill
+# costs tens of microseconds beyond the permutations themselves, which at one epoch per refill (every few steps
+# of a small dataset) is a few percent of a sub-millisecond step.
+_REFILL_MIN_INDICES = 1 << 16
+_REFILL_MAX_EPOCHS = 64
+
+
+class IndexBatcher:
+    """Seeded batches of exactly ``batch_size`` indices, drawn on ``device`` without host copies.
+
+    The index stream is a concatenation of seeded random permutations of ``range(n)`` (one per epoch), cut
+    into consecutive batches: no example is dropped and every batch has the same size, even when
+    ``batch_size`` does not divide ``n`` or exceeds it. Permutations are drawn on the CPU with a private
+    generator (reproducible across devices) and moved to the device several epochs at a time (about 65,536
+    indices, at most 64 epochs), so that refills do not show in the step time; the stream is the same.
+
+    Args:
+        n: Number of examples.
+        batch_size: Samples per batch.
+        seed: Seed of the permutations.
+        device: Where the index tensors live.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device) -> None:
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+        self.n = n
+        self.batch_size = batch_size
+        self.device = device
+        self._generator = torch.Generator().manual_seed(seed)
+        self._buffer = torch.empty(0, dtype=torch.long, device=device)
+        self._pos = 0
+        self.samples_drawn = 0
+
+    def _refill(self) -> None:
+        rest = self._buffer[self._pos :]
+        need = self.batch_size - rest.numel()
+        ahead = min(-(-_REFILL_MIN_INDICES // self.n), _REFILL_MAX_EPOCHS)
+        epochs = max(1, -(-need // self.n), ahead)
+        perms = [torch.randperm(self.n, generator=self._generator) for _ in range(epochs)]
+        self._buffer = torch.cat([rest, torch.cat(perms).to(self.device)])
+        self._pos = 0
+
+    def next(self) -> torch.Tensor:
+        """The next batch of indices (a view into the current epoch's permutation where possible)."""
+        if self._pos + self.batch_size > self._buffer.numel():
+            self._refill()
+        idx = self._buffer[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        self.samples_drawn += self.batch_size
+        return idx
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the data so far (samples drawn / n)."""
+        return self.samples_drawn / self.n
 
 
 class BatchSource(Protocol):
@@ -55,6 +121,7 @@ class BatchSource(Protocol):
     batch_size: int
     samples_drawn: int
     waits_s: list[float] | None
+    n_examples: int | None
 
     def next(self) -> Any:
         """The next global batch (on the device for the in-memory source, else on the host)."""
@@ -68,6 +135,11 @@ class BatchSource(Protocol):
     def close(self) -> None:
         """Release workers and iterators."""
         ...
+
+
+def is_split(data: object) -> bool:
+    """Whether ``data`` is an in-memory split (``inputs`` and ``targets``)."""
+    return hasattr(data, "inputs") and hasattr(data, "targets")
 
 
 def is_map_dataset(data: object) -> bool:
@@ -92,7 +164,8 @@ class SplitSource:
     def __init__(self, split: Any, batch_size: int, seed: int, device: torch.device) -> None:
         self.split = split.to(device)
         self.batch_size = batch_size
-        self.batcher = IndexBatcher(len(self.split), batch_size, seed, device)
+        self.n_examples = len(self.split)
+        self.batcher = IndexBatcher(self.n_examples, batch_size, seed, device)
 
     def next(self) -> tuple[Any, Any]:
         """``(inputs, targets)`` of the next batch."""
@@ -194,6 +267,7 @@ class DatasetSource(_TimedSource):
             collate_fn=collate_fn,
             num_workers=num_workers,
             pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(seed),  # seeds the workers' RNGs (augmentation)
         )
         self._it: Iterator[Any] | None = iter(self.loader)
 
@@ -280,7 +354,7 @@ def eval_batches(
         collate_fn: For a dataset: builds a batch from a list of examples.
         num_workers: For a dataset: loader worker processes.
     """
-    if hasattr(data, "inputs") and hasattr(data, "targets"):
+    if is_split(data):
         n = len(data)
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
@@ -289,3 +363,63 @@ def eval_batches(
     yield from torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers
     )
+
+
+def make_source(
+    workload: Workload,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+) -> BatchSource:
+    """The batch source of one trial: the workload's loader if :meth:`~bsprof.workload.Workload.make_loader`
+    returns one, else its training split (in memory) or dataset (map-style or iterable).
+
+    Raises:
+        BadInput: The training data are neither a split nor a dataset.
+    """
+    loader = workload.make_loader(batch_size, seed)
+    if loader is not None:
+        return LoaderSource(loader, batch_size, clock=clock)
+    data = workload.train_split()
+    if is_split(data):
+        return SplitSource(data, batch_size, seed, device)
+    pin = workload.pin_memory and device.type == "cuda"
+    if is_map_dataset(data):
+        return DatasetSource(
+            data,
+            batch_size,
+            seed,
+            collate_fn=workload.collate,
+            num_workers=workload.num_workers,
+            pin_memory=pin,
+            clock=clock,
+        )
+    if isinstance(data, torch.utils.data.IterableDataset):
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=batch_size, collate_fn=workload.collate, num_workers=workload.num_workers, pin_memory=pin
+        )
+        return LoaderSource(loader, batch_size, clock=clock)
+    raise BadInput(
+        f"workload {workload.name}: train_split() returned {type(data).__name__}; return a bsprof.Split or a "
+        "torch Dataset, or implement make_loader()"
+    )
+
+
+def data_wait_metrics(
+    waits_s: list[float] | None, *, steps: int, measured_s: float
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Seconds spent waiting for data over the last ``steps`` steps, which took ``measured_s`` seconds.
+
+    Returns:
+        ``data_wait_s`` (mean seconds per step waiting for the next batch) and ``data_wait_frac`` (waiting
+        seconds / step seconds), or ``None`` with a reason for an in-memory split.
+    """
+    if waits_s is None:
+        why = "in-memory data, batched by index on the device (no loader to wait for)"
+        return {"data_wait_s": None, "data_wait_frac": None}, {"data_wait_s": why, "data_wait_frac": why}
+    if steps < 1 or len(waits_s) < steps:
+        raise ValueError(f"{len(waits_s)} timed fetches for {steps} steps")
+    waited = math.fsum(waits_s[-steps:])
+    return {"data_wait_s": waited / steps, "data_wait_frac": waited / measured_s if measured_s > 0 else None}, {}

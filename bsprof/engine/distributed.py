@@ -200,6 +200,8 @@ class DataParallelStep(TrainingStep):
         compile_model = kwargs.pop("compile", False)
         backend = kwargs.pop("compile_backend", "inductor")
         super().__init__(workload, compile=False, **kwargs)
+        if self._general:  # the rank's slice is cut from the in-memory index stream only
+            raise ValueError("data-parallel trials need an in-memory Split of tensors, no accumulation or LR schedule")
         per_rank = world.per_rank_batch(self.batch_size)
         self.world = world
         self.global_batch_size = self.batch_size

@@ -60,6 +60,8 @@ def probe_fits(
             amp=settings.amp,
             compile=settings.compile,
             compile_backend=settings.compile_backend,
+            micro_batch_size=settings.micro_batch_size,
+            schedule=settings.lr_schedule,
         )
         for _ in range(steps):
             step()
@@ -72,6 +74,8 @@ def probe_fits(
             ) from e
         return False
     finally:
+        if step is not None:
+            step.close()
         del step
         free_memory(settings.device)
 

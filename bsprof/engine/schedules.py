@@ -86,6 +86,33 @@ class LRSchedule:
             return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p))
         return 1 - (1 - r) * p
 
+    @classmethod
+    def parse(cls, text: str) -> LRSchedule:
+        """A schedule from ``KIND[:key=value,...]``, keys ``warmup``, ``total``, ``unit`` and ``final``, e.g.
+        ``cosine:warmup=2048,total=65536`` or ``linear:warmup=0.5,total=10,unit=epochs,final=0.1``.
+
+        Raises:
+            BadInput: Unknown kind or key, a value that is not a number, an inconsistent schedule.
+        """
+        from bsprof.errors import BadInput
+
+        kind, _, rest = text.strip().partition(":")
+        fields: dict[str, object] = {"kind": kind}
+        names = {"warmup": "warmup", "total": "total", "unit": "unit", "final": "final_ratio"}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or key.strip() not in names:
+                raise BadInput(f"--lr-schedule {text!r}: expected key=value with keys {', '.join(names)}, got {item!r}")
+            key = key.strip()
+            try:
+                fields[names[key]] = value.strip() if key == "unit" else float(value)
+            except ValueError:
+                raise BadInput(f"--lr-schedule {text!r}: {key} must be a number, got {value!r}") from None
+        try:
+            return cls(**fields)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise BadInput(f"--lr-schedule {text!r}: {e}") from None
+
     def describe(self) -> str:
         """One line, e.g. ``cosine, warm-up 2048 samples, total 60000 samples``."""
         out = self.kind

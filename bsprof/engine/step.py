@@ -1,16 +1,25 @@
-"""The one training step, and the on-device index batcher that feeds it.
+"""The one training step.
 
 :class:`TrainingStep` is built fresh for every trial from the workload's factory (model, optimizer,
-data), never mutated and restored. Calling it runs one whole step — gather a batch by index, forward,
-loss, backward, optimizer step, zero_grad — and returns the loss tensor *without* synchronising, so the
-timer decides when to wait for the device. The CLI, the convergence trial and the pytest-benchmark suite
-all call this same object.
+data), never mutated and restored. Calling it runs one whole optimizer step — the next global batch from the
+trial's batch source (:mod:`bsprof.engine.data`), forward, loss, backward, optimizer step, zero_grad — and
+returns the loss tensor *without* synchronising, so the timer decides when to wait for the device. The CLI,
+the convergence trial and the pytest-benchmark suite all call this same object.
+
+Two paths, one step. The *fast path* — an in-memory :class:`~bsprof.workload.Split` of plain tensors, the
+default ``compute_loss``, no accumulation and no LR schedule — gathers the batch by index on the device and
+calls ``workload.loss(model(inputs), targets)`` inline (harness overhead matters at sub-millisecond steps).
+The *general path* takes any batch source and structure: it moves the batch to the device as a whole, cuts
+it into micro-batches when accumulating (:mod:`bsprof.engine.accumulation`), calls
+``workload.compute_loss(model, batch)``, and sets the LR of the schedule (:mod:`bsprof.engine.schedules`) or
+steps the workload's scheduler.
 
 A throughput trial times its steps from the trial's initial state: :meth:`TrainingStep.snapshot` keeps a copy
 of the model's and the optimizer's state before the first step, and :meth:`TrainingStep.restore` puts it back
 before every timed block (outside the timed region). Without it, a trial of ``--min-time`` seconds trains
 for hundreds of epochs at the rule's learning rate into a state no convergence trial reaches (on the CPU,
-weights and gradients drift into subnormal floats and the step slows down up to 2x).
+weights and gradients drift into subnormal floats and the step slows down up to 2x). The batch stream is not
+part of the state: batches keep coming from the same source.
 """
 
 from __future__ import annotations
@@ -23,19 +32,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bsprof.engine.accumulation import AccumulationPlan, accumulate
+from bsprof.engine.batches import slice_batch, split_batch, to_device
+from bsprof.engine.data import IndexBatcher, SplitSource, make_source
 from bsprof.engine.device import autocast_context
+from bsprof.workload import Workload
 
 if TYPE_CHECKING:
+    from bsprof.engine.schedules import LRSchedule
     from bsprof.engine.trial import EngineSettings, TrialSpec
-    from bsprof.workload import Split, Workload
+    from bsprof.workload import Split
 
 __all__ = ["IndexBatcher", "StepState", "TrainingStep", "flush_denormal"]
-
-# Epochs drawn ahead per refill: enough for this many indices, but at most _REFILL_MAX_EPOCHS permutations. A refill
-# costs tens of microseconds beyond the permutations themselves, which at one epoch per refill (every few steps
-# of a small dataset) is a few percent of a sub-millisecond step.
-_REFILL_MIN_INDICES = 1 << 16
-_REFILL_MAX_EPOCHS = 64
 
 
 @contextmanager
@@ -82,57 +90,6 @@ def _host_copy(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-class IndexBatcher:
-    """Seeded batches of exactly ``batch_size`` indices, drawn on ``device`` without host copies.
-
-    The index stream is a concatenation of seeded random permutations of ``range(n)`` (one per epoch), cut
-    into consecutive batches: no example is dropped and every batch has the same size, even when
-    ``batch_size`` does not divide ``n`` or exceeds it. Permutations are drawn on the CPU with a private
-    generator (reproducible across devices) and moved to the device several epochs at a time (about 65,536
-    indices, at most 64 epochs), so that refills do not show in the step time; the stream is the same.
-
-    Args:
-        n: Number of examples.
-        batch_size: Samples per batch.
-        seed: Seed of the permutations.
-        device: Where the index tensors live.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device) -> None:
-        if n < 1 or batch_size < 1:
-            raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
-        self.n = n
-        self.batch_size = batch_size
-        self.device = device
-        self._generator = torch.Generator().manual_seed(seed)
-        self._buffer = torch.empty(0, dtype=torch.long, device=device)
-        self._pos = 0
-        self.samples_drawn = 0
-
-    def _refill(self) -> None:
-        rest = self._buffer[self._pos :]
-        need = self.batch_size - rest.numel()
-        ahead = min(-(-_REFILL_MIN_INDICES // self.n), _REFILL_MAX_EPOCHS)
-        epochs = max(1, -(-need // self.n), ahead)
-        perms = [torch.randperm(self.n, generator=self._generator) for _ in range(epochs)]
-        self._buffer = torch.cat([rest, torch.cat(perms).to(self.device)])
-        self._pos = 0
-
-    def next(self) -> torch.Tensor:
-        """The next batch of indices (a view into the current epoch's permutation where possible)."""
-        if self._pos + self.batch_size > self._buffer.numel():
-            self._refill()
-        idx = self._buffer[self._pos : self._pos + self.batch_size]
-        self._pos += self.batch_size
-        self.samples_drawn += self.batch_size
-        return idx
-
-    @property
-    def epochs(self) -> float:
-        """Passes over the data so far (samples drawn / n)."""
-        return self.samples_drawn / self.n
-
-
 class TrainingStep:
     """One trial's model, optimizer and data, and the training step over them.
 
@@ -145,6 +102,9 @@ class TrainingStep:
         amp: ``off``, ``bf16`` or ``fp16`` (fp16 on CUDA uses a gradient scaler).
         compile: Wrap the model with ``torch.compile`` (static shapes: every batch of a trial has one shape).
         compile_backend: ``torch.compile``'s ``backend``.
+        micro_batch_size: Samples per forward/backward pass; below ``batch_size`` the step accumulates
+            gradients over ``ceil(batch_size / micro_batch_size)`` passes (``None``: one pass).
+        schedule: LR schedule in samples or epochs, a multiplier of ``lr`` (``None``: constant ``lr``).
     """
 
     def __init__(
@@ -158,6 +118,8 @@ class TrainingStep:
         amp: str = "off",
         compile: bool = False,
         compile_backend: Any = "inductor",
+        micro_batch_size: int | None = None,
+        schedule: LRSchedule | None = None,
     ) -> None:
         self.workload = workload
         self.batch_size = batch_size
@@ -166,8 +128,26 @@ class TrainingStep:
         self.model.train()
         self._forward = torch.compile(self.model, dynamic=False, backend=compile_backend) if compile else self.model
         self.optimizer = workload.make_optimizer(self.model.parameters(), lr)
-        self.train: Split = workload.train_split().to(device)
-        self.batcher = IndexBatcher(len(self.train), batch_size, seed, device)
+        self.lr = lr
+        self._seed = seed
+        self.source = make_source(workload, batch_size, seed, device)
+        self.plan = AccumulationPlan.for_batch(batch_size, micro_batch_size)
+        self._weights = self.plan.weights(workload.loss_reduction)
+        self._schedule = None if schedule is None or schedule.is_identity else schedule.in_samples(self.n_train)
+        self._scheduler = workload.make_scheduler(self.optimizer, batch_size)
+        self._non_blocking = device.type == "cuda"
+        # The in-memory split (None for a Dataset or loader) and its batcher, used by the fast path.
+        self.train: Split | None = self.source.split if isinstance(self.source, SplitSource) else None
+        self.batcher: IndexBatcher | None = self.source.batcher if isinstance(self.source, SplitSource) else None
+        self._general = not (
+            self.train is not None
+            and isinstance(self.train.inputs, torch.Tensor)
+            and isinstance(self.train.targets, torch.Tensor)
+            and type(workload).compute_loss is Workload.compute_loss
+            and not self.plan.accumulating
+            and self._schedule is None
+            and self._scheduler is None
+        )
         autocast = autocast_context(device, amp)  # also validates ``amp``
         # None when off: entering even a nullcontext every step costs ~0.5-1% of a 0.2 ms step.
         self._autocast = None if amp == "off" else autocast
@@ -189,6 +169,8 @@ class TrainingStep:
             "amp": settings.amp,
             "compile": settings.compile if compile is None else compile,
             "compile_backend": settings.compile_backend,
+            "micro_batch_size": settings.micro_batch_size,
+            "schedule": settings.lr_schedule,
         }
         if settings.data_parallel is not None:
             return settings.data_parallel.build_step(workload, spec.kind, **kwargs)
@@ -207,12 +189,22 @@ class TrainingStep:
         gradients, the RNG and the batch order are as they were. Nothing to do without ``compile``."""
         if self._forward is self.model:
             return
-        idx = torch.arange(self.batch_size, device=self.device) % len(self.train)
         buffers = {k: v.detach().clone() for k, v in self.model.named_buffers()}
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
-        loss = self._loss(self.train.inputs[idx], self.train.targets[idx])
-        (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+        if not self._general:
+            idx = torch.arange(self.batch_size, device=self.device) % len(self.train)  # type: ignore[arg-type]
+            loss = self._loss(self.train.inputs[idx], self.train.targets[idx])  # type: ignore[union-attr]
+            (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+        else:
+            # Every micro-batch shape of a step (the last one may be smaller), from a throwaway source.
+            source = make_source(self.workload, self.plan.micro_batch_size, self._seed, self.device)
+            try:
+                first = source.next()
+            finally:
+                source.close()
+            for size in sorted(set(self.plan.sizes)):
+                self._backward(self._loss_of(slice_batch(first, 0, size)))
         self.model.zero_grad(set_to_none=True)
         with torch.no_grad():
             named = dict(self.model.named_buffers())
@@ -260,10 +252,13 @@ class TrainingStep:
         """Run one training step; returns the unsynchronised loss tensor.
 
         The loss is returned as is (``detach()`` would cost ~1% of a 0.2 ms step): its graph was freed by
-        ``backward()``, but detach it before accumulating it across steps.
+        ``backward()``, but detach it before accumulating it across steps. With accumulation it is the loss of
+        the whole global batch (the weighted sum of the micro-batch losses).
         """
-        idx = self.batcher.next()
-        loss = self._loss(self.train.inputs[idx], self.train.targets[idx])
+        if self._general:
+            return self._general_step()
+        idx = self.batcher.next()  # type: ignore[union-attr]
+        loss = self._loss(self.train.inputs[idx], self.train.targets[idx])  # type: ignore[union-attr]
         if self._scaler is None:
             loss.backward()
             self.optimizer.step()
@@ -275,7 +270,61 @@ class TrainingStep:
         self.steps_done += 1
         return loss
 
+    def _general_step(self) -> torch.Tensor:
+        batch = self.source.next()
+        if self._schedule is not None:
+            self.set_lr(self.lr * self._schedule.factor(self.source.samples_drawn))
+        if self.plan.accumulating:
+            pieces = split_batch(batch, self.plan.micro_batch_size)
+            loss = accumulate(pieces, self._loss_of, self._weights, backward=self._backward)
+        else:
+            loss = self._loss_of(batch)
+            self._backward(loss)
+        if self._scaler is None:
+            self.optimizer.step()
+        else:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._scheduler is not None:
+            self._scheduler.step()
+        self.steps_done += 1
+        return loss
+
+    def _loss_of(self, batch: Any) -> torch.Tensor:
+        """Move ``batch`` to the device and compute its loss with the workload's ``compute_loss``."""
+        batch = to_device(batch, self.device, non_blocking=self._non_blocking)
+        if self._autocast is None:
+            return self.workload.compute_loss(self._forward, batch)
+        with self._autocast():
+            return self.workload.compute_loss(self._forward, batch)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._scaler is None:
+            loss.backward()
+        else:
+            self._scaler.scale(loss).backward()
+
     @property
     def samples_done(self) -> int:
         """Training samples consumed so far."""
-        return self.batcher.samples_drawn
+        return self.source.samples_drawn
+
+    @property
+    def epochs(self) -> float | None:
+        """Passes over the training data so far (``None`` when its length is unknown)."""
+        return self.source.epochs
+
+    @property
+    def n_train(self) -> int | None:
+        """Training examples (``None`` for a loader over data of unknown length)."""
+        return self.source.n_examples
+
+    def close(self) -> None:
+        """Release the batch source (loader workers)."""
+        self.source.close()
+
+    def batching_metrics(self) -> dict[str, int]:
+        """``micro_batch_size`` (samples per forward/backward pass) and ``accumulation_steps`` (passes per
+        optimizer step) of this trial."""
+        return {"micro_batch_size": self.plan.micro_batch_size, "accumulation_steps": self.plan.steps}

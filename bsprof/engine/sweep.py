@@ -34,6 +34,7 @@ from bsprof.engine.lr import scaled_lr
 from bsprof.engine.result import TrialExtra
 from bsprof.engine.sampler_process import SamplerProcess
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, ended, run_throughput_trial
+from bsprof.engine.validate import validate_workload
 from bsprof.environment import collect_environment
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class SweepConfig:
         base_lr: Override of the workload's base LR (at its base batch size), ``None`` to keep it.
         tune_lr: Learning rates tried per batch size (0: no tuning, use the rule's LR).
         skip_larger_after_oom: Record batch sizes at and above an OOM as ``oom`` without trying them.
+        auto_micro_batch: Find the largest micro-batch that fits (:func:`auto_micro_batch_size`) and accumulate
+            gradients over micro-batches of that size at larger batch sizes (else ``settings.micro_batch_size``).
         convergence: Budgets, schedule and target of convergence trials.
         convergence_batch_sizes: Batch sizes of the convergence trials, ``None``: all of ``batch_sizes``.
         mode: ``sweep``, or ``predict`` for a ``bsprof predict`` run (a throughput pass and one short
@@ -90,6 +93,7 @@ class SweepConfig:
     base_lr: float | None = None
     tune_lr: int = 0
     skip_larger_after_oom: bool = True
+    auto_micro_batch: bool = False
     convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
     convergence_batch_sizes: tuple[int, ...] | None = None
     mode: str = "sweep"
@@ -103,7 +107,7 @@ class SweepConfig:
     def hashed(self, workload: Workload, settings: EngineSettings) -> dict[str, Any]:
         """The part of the configuration that identifies a run (batch sizes, seeds and repeats are left
         out: extending a sweep with more of them resumes the same run)."""
-        return {
+        hashed: dict[str, Any] = {
             "workload": workload.config(),
             "workload_ref": self.workload_ref,
             "kinds": sorted(self.kinds),
@@ -112,9 +116,12 @@ class SweepConfig:
             "tune_lr": self.tune_lr,
             "convergence": self.convergence.config() if "convergence" in self.kinds else None,
             "engine": settings.config(),
-        } | (
-            {"mode": self.mode, "convergence_batch_sizes": list(self.convergence_sizes)} if self.mode != "sweep" else {}
-        )
+        }
+        if self.mode != "sweep":
+            hashed |= {"mode": self.mode, "convergence_batch_sizes": list(self.convergence_sizes)}
+        if self.auto_micro_batch:  # only when set: runs stored before the option keep their identity
+            hashed["auto_micro_batch"] = True
+        return hashed
 
 
 @dataclass
@@ -274,6 +281,10 @@ def _run_sweep(
 ) -> SweepOutcome:
     run_fns = trial_runners(config)
     run_fns.update(runners or {})
+    if not runners:  # injected runners (tests) may not run the workload at all
+        validate_workload(workload, settings.device)
+    if config.auto_micro_batch:
+        settings = replace(settings, micro_batch_size=auto_micro_batch_size(workload, settings, config.batch_sizes))
     if config.remeasure_busy > 0 and "throughput" in run_fns:
         run_fns["throughput"] = _remeasuring(run_fns["throughput"], config.remeasure_busy)
     run = store.open_run(
@@ -328,6 +339,24 @@ def _run_phases(
         for result in executor.run(state.admit(finals, settings), workload, settings, run_fns):
             state.record(result)
     return outcome
+
+
+def auto_micro_batch_size(workload: Workload, settings: EngineSettings, batch_sizes: tuple[int, ...]) -> int | None:
+    """The largest micro-batch that fits on the device, up to the largest batch size (max-batch finder, without
+    accumulation); ``None`` when every batch size fits whole.
+
+    Raises:
+        MeasurementFailed: Even a micro-batch of one example does not fit.
+    """
+    from bsprof.engine.maxbatch import find_max_batch
+    from bsprof.errors import MeasurementFailed
+
+    largest = max(batch_sizes)
+    found = find_max_batch(workload, replace(settings, micro_batch_size=None), start=min(batch_sizes), cap=largest)
+    if found.max_batch_size is None:
+        raise MeasurementFailed(f"not even a batch of {min(batch_sizes)} fits: no micro-batch size to accumulate with")
+    log.info("automatic micro-batch size: %d (largest batch size %d)", found.max_batch_size, largest)
+    return None if found.max_batch_size >= largest else found.max_batch_size
 
 
 def prime_process(workload: Workload, settings: EngineSettings, batch_size: int) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
+from bsprof.engine.data import data_wait_metrics
 from bsprof.engine.device import device_name, synchronizer
 from bsprof.engine.host_load import HostLoad, assess_host_load
 from bsprof.engine.monitors import Monitor
@@ -81,6 +82,9 @@ class EngineSettings:
         flush_denormal: Flush subnormal floats to zero on the CPU during trials (``torch.set_flush_denormal``;
             x86 only). Off by default, as in PyTorch: throughput is timed from the initial state, where
             subnormals are rare, and convergence trials train with the numerics users train with.
+        micro_batch_size: Samples per forward/backward pass; smaller batch sizes accumulate gradients over
+            several passes per optimizer step (``None``: one pass per step).
+        lr_schedule: LR schedule (:class:`~bsprof.engine.schedules.LRSchedule`) of every trial, or ``None``.
         sampler_process: The telemetry sampler process every trial's monitor shares (a
             :class:`~bsprof.engine.sampler_process.SamplerProcess`; :func:`~bsprof.engine.sweep.run_sweep` starts
             one per sweep); ``None``: each trial's monitor starts and ends its own.
@@ -100,6 +104,8 @@ class EngineSettings:
     trace_dir: str | None = None
     peak_tflops: float | None = None
     flush_denormal: bool = False
+    micro_batch_size: int | None = None
+    lr_schedule: Any = None
     sampler_process: Any = field(default=None, compare=False, repr=False)
     data_parallel: Any = None
 
@@ -119,6 +125,11 @@ class EngineSettings:
             out["compile_backend"] = backend if isinstance(backend, str) else getattr(backend, "__name__", "custom")
         if self.data_parallel is not None:
             out["world_size"] = self.data_parallel.world_size
+        # Only when set: runs stored before these options keep their identity.
+        if self.micro_batch_size is not None:
+            out["micro_batch_size"] = self.micro_batch_size
+        if self.lr_schedule is not None:
+            out["lr_schedule"] = self.lr_schedule.describe()
         return out
 
 
@@ -321,7 +332,11 @@ def _flops_metrics(
         counted = step
         if settings.compile:
             counted = TrainingStep.for_trial(workload, spec, settings, compile=False)
-        flops = count_flops(counted)
+        try:
+            flops = count_flops(counted)
+        finally:
+            if counted is not step:
+                counted.close()
     except Exception as e:  # noqa: BLE001 - a failed count leaves the FLOP fields empty, the trial stands
         why = f"FLOP counting failed: {type(e).__name__}: {e}"[:300]
     if why is not None:
@@ -395,29 +410,44 @@ def _throughput(
     with closing, contextlib.closing(monitor), monitor.window() as window, flush_denormal(settings.flush_denormal):
         step = TrainingStep.for_trial(workload, spec, settings)
         initial = step.snapshot()
-        times = timer(step, batch_size=spec.batch_size, sync=synchronizer(device), reset=lambda: step.restore(initial))
-    expected = times.warmup_steps + times.measured_steps
-    if step.steps_done != expected:
-        raise RuntimeError(f"engine bug: {step.steps_done} steps ran, {expected} were timed")
-    telemetry = window.telemetry
-    metrics, reasons = throughput_metrics(times, telemetry, device, baseline)
-    load = trial_host_load(telemetry, device)
-    if load is not None:
-        metrics.update(load.metrics())
-    else:
-        reasons["host_busy"] = "the host's CPU counters (/proc/stat) could not be read"
-    flops, flops_reasons = _flops_metrics(workload, spec, settings, step, times)
-    metrics.update(flops)
-    reasons.update(flops_reasons)
-    profiled = settings.profile and spec.repeat == 0 and spec.seed == 0
-    extra = TrialExtra(
-        source=timer.source,
-        rel_iqr=times.rel_iqr,
-        cpu_pct_mean=telemetry.cpu_pct_mean,
-        telemetry=tuple(downsample_rows(telemetry.series)),
-        gpu_sampler=type(gpu).__name__ if telemetry.gpu_reason is None else telemetry.gpu_reason,
-        monitor_mode=monitor.mode,
-        profile=_profile(workload, spec, settings, step) if profiled else None,
-        host_load=load,
-    )
+        try:
+            times = timer(
+                step, batch_size=spec.batch_size, sync=synchronizer(device), reset=lambda: step.restore(initial)
+            )
+        except BaseException:
+            step.close()  # loader workers end now, not when the traceback is released
+            raise
+    try:
+        expected = times.warmup_steps + times.measured_steps
+        if step.steps_done != expected:
+            raise RuntimeError(f"engine bug: {step.steps_done} steps ran, {expected} were timed")
+        telemetry = window.telemetry
+        metrics, reasons = throughput_metrics(times, telemetry, device, baseline)
+        metrics.update(step.batching_metrics())
+        waits, wait_reasons = data_wait_metrics(
+            step.source.waits_s, steps=times.measured_steps, measured_s=times.measured_s
+        )
+        metrics.update(waits)
+        reasons.update(wait_reasons)
+        load = trial_host_load(telemetry, device)
+        if load is not None:
+            metrics.update(load.metrics())
+        else:
+            reasons["host_busy"] = "the host's CPU counters (/proc/stat) could not be read"
+        flops, flops_reasons = _flops_metrics(workload, spec, settings, step, times)
+        metrics.update(flops)
+        reasons.update(flops_reasons)
+        profiled = settings.profile and spec.repeat == 0 and spec.seed == 0
+        extra = TrialExtra(
+            source=timer.source,
+            rel_iqr=times.rel_iqr,
+            cpu_pct_mean=telemetry.cpu_pct_mean,
+            telemetry=tuple(downsample_rows(telemetry.series)),
+            gpu_sampler=type(gpu).__name__ if telemetry.gpu_reason is None else telemetry.gpu_reason,
+            monitor_mode=monitor.mode,
+            profile=_profile(workload, spec, settings, step) if profiled else None,
+            host_load=load,
+        )
+    finally:
+        step.close()
     return ended(spec, "ok", device, started, metrics=metrics, reasons=reasons, step_times=times, extra=extra)

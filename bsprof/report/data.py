@@ -96,6 +96,7 @@ class ReportData:
             seed, step, epochs, b_simple, b_simple_low, b_simple_high``.
         stability: :func:`bsprof.stability.stability_table` per run (busy / unstable batch sizes are the
             report's banner).
+        input_bound: (run label, note) per input-bound batch size (:attr:`bsprof.analyze.Analysis.input_bound`).
     """
 
     runs: list[RunInfo]
@@ -119,6 +120,7 @@ class ReportData:
     steps_prediction: pd.DataFrame | None = None
     noise_curves: pd.DataFrame | None = None
     stability: pd.DataFrame | None = None
+    input_bound: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _labels(runs: Sequence[Any]) -> list[str]:
@@ -321,6 +323,7 @@ def report_data(
                 trials[col] = math.nan
         tp, conv, trade, fits, recs, gpu, lr, gaps, crit, steps_pred = [], [], [], [], [], [], [], [], [], []
         stab: list[pd.DataFrame] = []
+        input_bound: list[tuple[str, str]] = []
         for run in runs:
             t = trials[trials["run_id"] == run.run_id]
             if t.empty:
@@ -337,6 +340,7 @@ def report_data(
             lr.append(a.lr_tuning.assign(run=run.label))
             gaps.append(a.gap_trend.assign(run=run.label))
             stab.append(a.stability.assign(run=run.label))
+            input_bound.extend((run.label, note) for note in a.input_bound)
             for rec in a.recommendations:
                 recs.append((run.label, rec))
                 if (fr := _fit_row(run.label, rec)) is not None:
@@ -357,6 +361,7 @@ def report_data(
             if len(v):
                 targets[str(label)] = float(v.median())
     return ReportData(
+        input_bound=input_bound,
         runs=runs,
         trials=trials,
         throughput=_concat(tp),

@@ -81,6 +81,8 @@ def throughput_section(d: ReportData, store_hint: str) -> Section:
                 f"{float(worst['step_time_drift_rel']):+.0%} at B={int(worst['batch_size'])}): those medians mix two "
                 "states (a model drifting into slow numerics, throttling, or a busy host)."
             )
+    for label, note in d.input_bound:
+        s.sentences.append(f"{run_prefix(label, many)}Input-bound: {note}.")
     s.chart("throughput", lambda: charts.throughput_chart(d.throughput))
     return s
 

@@ -48,6 +48,22 @@ BUILTINS: dict[str, Builtin] = {
             "CIFAR-10 from a local folder, official binary format (--data-dir or BSPROF_CIFAR10_DIR), small ResNet",
         ),
         Builtin(
+            "digits-resnet18",
+            "bsprof.workloads.vision:VisionResNet18",
+            "digits upsampled to 16x16, ResNet-18 (width 16) fed by a DataLoader with random crops; target 0.9",
+        ),
+        Builtin(
+            "cifar10-resnet18",
+            "bsprof.workloads.vision:cifar10_resnet18",
+            "CIFAR-10 binary files (--data-dir), ResNet-18 (torchvision's if it imports), DataLoader with crops",
+        ),
+        Builtin(
+            "hf-gpt2-stdlib",
+            "bsprof.workloads.hf_text:HFStdlibLM",
+            "HuggingFace GPT-2 config (2x64, no download) on Python stdlib source bytes, dict batches, model's .loss; "
+            "needs bsprof[hf]",
+        ),
+        Builtin(
             "synthetic-transformer",
             "bsprof.workloads.transformer:SyntheticTransformer",
             "small decoder-only transformer on random tokens; throughput only (no target)",
