@@ -24,6 +24,9 @@ is blocked waiting for the next batch: fetch, collate, worker hand-off), without
 the engine's clock discipline (synchronise only at block boundaries); on a CPU that is exact, on a GPU the
 wait may overlap device work queued earlier, which is precisely the case where it costs nothing. The
 in-memory source is not timed (its index gather is part of the step).
+
+(Above 400 lines: the three sources, their sampler, the evaluation batches and the data-wait metrics share the
+epoch-end and timing rules documented here; split apart, each would have to restate them.)
 """
 
 from __future__ import annotations
