@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from functools import partial
+from typing import NoReturn
 
 from bsprof.cli_script import add_script_options, split_command
 from bsprof.commands import (
@@ -20,18 +20,16 @@ from bsprof.commands import (
     cmd_export,
     cmd_find_max_batch,
     cmd_predict,
-    cmd_profile,
     cmd_report,
     cmd_runs,
     cmd_summary,
     cmd_sweep,
     cmd_workloads,
 )
-from bsprof.errors import BadInput, BsprofError
+from bsprof.errors import BsprofError
+from bsprof.options import arg_type, parse_batch_sizes, parse_device, parse_float, parse_fraction, parse_int
 
-__all__ = ["build_parser", "main", "parse_batch_sizes", "parse_fraction"]
-
-log = logging.getLogger("bsprof")
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,52 +39,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    """Parse ``8,16,32`` or ``8..1024`` (the powers of two in that range), or a mix, into ascending sizes.
-
-    Raises:
-        BadInput: Empty, non-integer, zero or negative sizes, or a range with no power of two.
-    """
-    sizes: set[int] = set()
-    items = [t.strip() for t in text.split(",")]
-    if not text.strip() or any(not t for t in items):
-        raise BadInput(f"--batch-sizes {text!r}: empty item; give e.g. 8,16,32 or 8..1024")
-    for item in items:
-        if ".." in item:
-            lo_text, _, hi_text = item.partition("..")
-            lo, hi = _positive_int(lo_text, text), _positive_int(hi_text, text)
-            if lo > hi:
-                raise BadInput(f"--batch-sizes {text!r}: range {item} is empty (start > end)")
-            powers = [1 << k for k in range(0, hi.bit_length() + 1) if lo <= (1 << k) <= hi]
-            if not powers:
-                raise BadInput(f"--batch-sizes {text!r}: no power of two in {item}")
-            sizes.update(powers)
-        else:
-            sizes.add(_positive_int(item, text))
-    return tuple(sorted(sizes))
-
-
-def _positive_int(s: str, whole: str) -> int:
-    try:
-        value = int(s.strip())
-    except ValueError:
-        raise BadInput(f"--batch-sizes {whole!r}: {s.strip()!r} is not an integer") from None
-    if value <= 0:
-        raise BadInput(f"--batch-sizes {whole!r}: batch sizes must be positive, got {value}")
-    return value
-
-
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-        return value
-
-    return parse
+_POSITIVE_INT = arg_type(parse_int)
+_POSITIVE_FLOAT = arg_type(partial(parse_float, positive=True))
+_COUNT = arg_type(partial(parse_int, minimum=0))
+_NON_NEGATIVE_FLOAT = arg_type(partial(parse_float, minimum=0.0))
+_FLOAT = arg_type(parse_float)
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -97,25 +54,25 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         help="built-in name (see `bsprof workloads`), package.module:factory or file.py:factory (default: digits-mlp)",
     )
     p.add_argument("--data-dir", help="dataset folder for workloads that read files (sets BSPROF_CIFAR10_DIR)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument(
+        "--device", type=arg_type(parse_device), default="auto", help="auto, cpu, cuda or cuda:N (default: auto)"
+    )
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision (default: off)")
     p.add_argument("--compile", action="store_true", help="wrap the model with torch.compile")
     p.add_argument(
         "--threads",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         help="torch CPU threads (default: 1 on the CPU, steady when other processes run: README, 'Noisy hosts')",
     )
-    p.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
+    _add_store_option(p)
 
 
 def _add_telemetry_options(p: argparse.ArgumentParser, *, profile_flag: bool = True) -> None:
     tm = p.add_argument_group("telemetry and profiling")
-    tm.add_argument(
-        "--monitor-hz", type=_positive(float), default=20.0, help="telemetry polls per second (default: 20)"
-    )
+    tm.add_argument("--monitor-hz", type=_POSITIVE_FLOAT, default=20.0, help="telemetry polls per second (default: 20)")
     tm.add_argument(
         "--peak-tflops",
-        type=_positive(float),
+        type=_POSITIVE_FLOAT,
         help="peak TFLOP/s of the device for MFU (default: NVIDIA datasheet table by GPU name and dtype)",
     )
     if profile_flag:
@@ -126,7 +83,16 @@ def _add_telemetry_options(p: argparse.ArgumentParser, *, profile_flag: bool = T
         )
 
 
-def build_parser() -> _Parser:
+def _add_store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
+
+
+def _add_run_option(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--run", action="append", help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bsprof`` parser: every subcommand and option; option values are parsed by :mod:`bsprof.options`."""
     parser = _Parser(prog="bsprof", description="Batch-size benchmark and profiling for PyTorch training.")
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -144,6 +110,7 @@ def build_parser() -> _Parser:
     sw.add_argument(
         "--batch-sizes",
         "-b",
+        type=arg_type(parse_batch_sizes),
         default="8..1024",
         help="comma list and/or ranges: 8,16,32 or 8..1024 = powers of two (default: 8..1024)",
     )
@@ -153,10 +120,10 @@ def build_parser() -> _Parser:
         choices=["throughput", "convergence", "both"],
         help="throughput (speed, memory), convergence (steps/samples/time to target) or both (default: both)",
     )
-    sw.add_argument("--seeds", type=_positive(int), default=3, help="seeds per batch size (default: 3)")
+    sw.add_argument("--seeds", type=_POSITIVE_INT, default=3, help="seeds per batch size (default: 3)")
     sw.add_argument(
         "--repeats",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         default=1,
         help="throughput rounds over all batch sizes and seeds, in rotation (default: 1)",
     )
@@ -187,35 +154,33 @@ def build_parser() -> _Parser:
     tg = sw.add_argument_group("throughput trials")
     tg.add_argument(
         "--min-time",
-        type=_positive(float),
+        type=_POSITIVE_FLOAT,
         default=1.0,
         help="measured seconds per throughput trial, at least (default: 1.0)",
     )
     tg.add_argument(
         "--min-steps",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         default=20,
         help="measured steps per throughput trial, at least (default: 20)",
     )
-    tg.add_argument("--timing-warmup-steps", type=int, default=5, help="untimed steps first (default: 5)")
+    tg.add_argument("--timing-warmup-steps", type=_COUNT, default=5, help="untimed steps first (default: 5)")
     _add_telemetry_options(sw)
     add_script_options(sw)
     cg = sw.add_argument_group("convergence trials")
-    cg.add_argument("--target", type=float, help="validation metric to reach (default: the workload's)")
+    cg.add_argument("--target", type=_FLOAT, help="validation metric to reach (default: the workload's)")
     cg.add_argument(
         "--target-patience",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         default=1,
         help="consecutive evaluations at or above target that count as reaching it (default: 1, first crossing)",
     )
-    cg.add_argument("--max-steps", type=_positive(int), help="step budget per trial (default: none)")
-    cg.add_argument("--max-epochs", type=_positive(float), default=100.0, help="epoch budget per trial (default: 100)")
-    cg.add_argument(
-        "--max-time", type=_positive(float), default=120.0, help="training seconds per trial (default: 120)"
-    )
+    cg.add_argument("--max-steps", type=_POSITIVE_INT, help="step budget per trial (default: none)")
+    cg.add_argument("--max-epochs", type=_POSITIVE_FLOAT, default=100.0, help="epoch budget per trial (default: 100)")
+    cg.add_argument("--max-time", type=_POSITIVE_FLOAT, default=120.0, help="training seconds per trial (default: 120)")
     cg.add_argument(
         "--eval-every",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         help="evaluate every N steps (default: a schedule keeping the steps-to-target bracket within 5%%)",
     )
     cg.add_argument("--continue-after-target", action="store_true", help="train on to the budget for complete curves")
@@ -227,7 +192,7 @@ def build_parser() -> _Parser:
     )
     cg.add_argument(
         "--base-lr",
-        type=_positive(float),
+        type=_POSITIVE_FLOAT,
         help="override the workload's base LR (at its base batch size) that the LR rule scales from",
     )
     cg.add_argument(
@@ -236,11 +201,13 @@ def build_parser() -> _Parser:
         help="LR schedule in samples or epochs, the same in data terms at every batch size, e.g. "
         "cosine:warmup=2048,total=65536 or linear:warmup=0.5,total=10,unit=epochs,final=0.1 (default: constant)",
     )
-    cg.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default: 0)")
-    cg.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up epochs (default: 0)")
+    cg.add_argument("--warmup-steps", type=_COUNT, default=0, help="linear LR warm-up steps (default: 0)")
+    cg.add_argument(
+        "--warmup-epochs", type=_NON_NEGATIVE_FLOAT, default=0.0, help="linear LR warm-up epochs (default: 0)"
+    )
     cg.add_argument(
         "--tune-lr",
-        type=int,
+        type=_COUNT,
         default=0,
         metavar="K",
         help="try K LRs on a log2 grid around the rule's LR per batch size, keep the best, re-run it on fresh "
@@ -256,7 +223,7 @@ def build_parser() -> _Parser:
     so = sw.add_argument_group("scale out (see README: Scale out)")
     so.add_argument(
         "--nproc-per-node",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         metavar="N",
         help="data-parallel trials: run in N processes (torch's elastic launcher, as torchrun), model under DDP; "
         "batch sizes are global (N x per-rank)",
@@ -276,13 +243,22 @@ def build_parser() -> _Parser:
         "TensorBoard trace under <store folder>/traces/<run>/<workload>-B<batch>/ and the top operators.",
     )
     _add_engine_options(pf)
-    pf.add_argument("--batch-sizes", "-b", default="8..1024", help="as for sweep (default: 8..1024)")
-    pf.add_argument("--seeds", type=_positive(int), default=1, help="seeds per batch size (default: 1)")
-    pf.add_argument("--repeats", type=_positive(int), default=1, help="throughput rounds (default: 1)")
-    pf.add_argument("--min-time", type=_positive(float), default=1.0, help="measured seconds per trial (default: 1)")
-    pf.add_argument("--min-steps", type=_positive(int), default=20, help="measured steps per trial (default: 20)")
+    pf.add_argument(
+        "--batch-sizes",
+        "-b",
+        type=arg_type(parse_batch_sizes),
+        default="8..1024",
+        help="as for sweep (default: 8..1024)",
+    )
+    pf.add_argument("--seeds", type=_POSITIVE_INT, default=1, help="seeds per batch size (default: 1)")
+    pf.add_argument("--repeats", type=_POSITIVE_INT, default=1, help="throughput rounds (default: 1)")
+    pf.add_argument("--min-time", type=_POSITIVE_FLOAT, default=1.0, help="measured seconds per trial (default: 1)")
+    pf.add_argument("--min-steps", type=_POSITIVE_INT, default=20, help="measured steps per trial (default: 20)")
     pf.add_argument("--fresh", action="store_true", help="start a new run (a resumed, finished run profiles nothing)")
     _add_telemetry_options(pf, profile_flag=False)
+    own = vars(pf.parse_args([]))  # the profile options, at their defaults; the other sweep options at sweep's
+    sweep_defaults = {k: v for k, v in vars(sw.parse_args([])).items() if k not in own}
+    pf.set_defaults(**{**sweep_defaults, "kind": "throughput", "profile": True})
 
     pr = sub.add_parser(
         "predict",
@@ -293,22 +269,28 @@ def build_parser() -> _Parser:
         "sweep's time.",
     )
     _add_engine_options(pr)
-    pr.add_argument("--batch-sizes", "-b", default="8..1024", help="as for sweep (default: 8..1024)")
     pr.add_argument(
-        "--at-batch-size", type=_positive(int), help="batch size of the short convergence trial (default: smallest)"
+        "--batch-sizes",
+        "-b",
+        type=arg_type(parse_batch_sizes),
+        default="8..1024",
+        help="as for sweep (default: 8..1024)",
+    )
+    pr.add_argument(
+        "--at-batch-size", type=_POSITIVE_INT, help="batch size of the short convergence trial (default: smallest)"
     )
     pr.add_argument(
         "--budget-time",
-        type=_positive(float),
+        type=_POSITIVE_FLOAT,
         default=30.0,
         help="training seconds of the short convergence trial; it stops earlier at the target (default: 30)",
     )
-    pr.add_argument("--budget-steps", type=_positive(int), help="step budget of the short trial (default: none)")
+    pr.add_argument("--budget-steps", type=_POSITIVE_INT, help="step budget of the short trial (default: none)")
     pr.add_argument(
-        "--min-time", type=_positive(float), default=0.1, help="measured seconds per throughput trial (default: 0.1)"
+        "--min-time", type=_POSITIVE_FLOAT, default=0.1, help="measured seconds per throughput trial (default: 0.1)"
     )
     pr.add_argument(
-        "--min-steps", type=_positive(int), default=10, help="measured steps per throughput trial (default: 10)"
+        "--min-steps", type=_POSITIVE_INT, default=10, help="measured steps per throughput trial (default: 10)"
     )
     pr.add_argument("--fresh", action="store_true", help="start a new run instead of resuming the stored one")
     own = vars(pr.parse_args([]))
@@ -319,9 +301,9 @@ def build_parser() -> _Parser:
         help="export trials as csv, json or parquet",
         description="One tidy row per trial (the documented columns first, SI units; see the README's export section).",
     )
-    ex.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
+    _add_store_option(ex)
     ex.add_argument("--format", "-f", default="csv", choices=["csv", "json", "parquet"], help="(default: csv)")
-    ex.add_argument("--run", action="append", help="only this run id (repeatable)")
+    _add_run_option(ex, "only this run id (repeatable)")
     ex.add_argument("-o", "--output", help="file to write (default: standard output)")
     ex.add_argument(
         "--curves", action="store_true", help="one row per evaluation of the convergence trials (learning curves)"
@@ -333,8 +315,8 @@ def build_parser() -> _Parser:
         description="The trade-off table (throughput and time-to-target per batch size), regimes, the "
         "noise-scale fit and the recommended batch sizes, for the latest run per workload (or --run).",
     )
-    sm.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
-    sm.add_argument("--run", action="append", help="this run id (repeatable; default: latest run per workload)")
+    _add_store_option(sm)
+    _add_run_option(sm, "this run id (repeatable; default: latest run per workload)")
     sm.add_argument("--wide", action="store_true", help="every column, with spreads and intervals (needs ~220 columns)")
 
     rn = sub.add_parser(
@@ -343,7 +325,7 @@ def build_parser() -> _Parser:
         description="One line per run: id, workload, when it was created, trials stored, and its settings. "
         "summary/report/export take --run ID to pick one.",
     )
-    rn.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
+    _add_store_option(rn)
 
     rp = sub.add_parser(
         "report",
@@ -351,9 +333,9 @@ def build_parser() -> _Parser:
         description="One HTML file with every chart of the compute/accuracy trade-off, for the latest run per "
         "workload (or --run, repeatable: runs are compared in the same charts). It requests nothing from the network.",
     )
-    rp.add_argument("--store", "-s", default=None, help="SQLite results store (default: reports/bsprof.db)")
+    _add_store_option(rp)
     rp.add_argument("-o", "--output", default=None, help="HTML file to write (default: reports/index.html)")
-    rp.add_argument("--run", action="append", help="this run id (repeatable; default: latest run per workload)")
+    _add_run_option(rp, "this run id (repeatable; default: latest run per workload)")
     rp.add_argument(
         "--benchmark-json",
         action="append",
@@ -375,11 +357,19 @@ def build_parser() -> _Parser:
     cp.add_argument("baseline", help="the reference: pytest-benchmark JSON (--benchmark-json) or a bsprof store")
     cp.add_argument("new", help="the results under test, of the same kind")
     cp.add_argument(
-        "--fail-above", default="10%", metavar="X", help="regression threshold: 10%% or 0.1 (default: 10%%)"
+        "--fail-above",
+        type=arg_type(parse_fraction),
+        default="10%",
+        metavar="X",
+        help="regression threshold: 10%% or 0.1 (default: 10%%)",
     )
-    cp.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
+    cp.add_argument("--alpha", type=_POSITIVE_FLOAT, default=0.05, help="significance level (default: 0.05)")
     cp.add_argument(
-        "--mem-fail-above", default="10%", metavar="X", help="peak-memory growth that fails (default: 10%%)"
+        "--mem-fail-above",
+        type=arg_type(parse_fraction),
+        default="10%",
+        metavar="X",
+        help="peak-memory growth that fails (default: 10%%)",
     )
     cp.add_argument(
         "--allow-env-mismatch",
@@ -399,8 +389,8 @@ def build_parser() -> _Parser:
         "frequency governor and, per GPU, persistence mode, clocks, throttle reasons and other processes; print "
         "what to change before a sweep. Exit 3 when the host is busy for a trial of --threads threads, else 0.",
     )
-    ck.add_argument("--threads", type=_positive(int), default=1, help="threads a trial would use (default: 1)")
-    ck.add_argument("--interval", type=_positive(float), default=1.0, help="seconds to sample the host (default: 1)")
+    ck.add_argument("--threads", type=_POSITIVE_INT, default=1, help="threads a trial would use (default: 1)")
+    ck.add_argument("--interval", type=_POSITIVE_FLOAT, default=1.0, help="seconds to sample the host (default: 1)")
 
     fm = sub.add_parser(
         "find-max-batch",
@@ -408,10 +398,10 @@ def build_parser() -> _Parser:
         description="Double the batch size until it runs out of memory, then bisect.",
     )
     _add_engine_options(fm)
-    fm.add_argument("--start", type=_positive(int), default=1, help="first batch size (default: 1)")
+    fm.add_argument("--start", type=_POSITIVE_INT, default=1, help="first batch size (default: 1)")
     fm.add_argument(
         "--cap",
-        type=_positive(int),
+        type=_POSITIVE_INT,
         default=65536,
         help="largest batch size tried (default: 65536; guards a CPU host against swapping)",
     )
@@ -424,29 +414,10 @@ def _version() -> str:
     return f"bsprof {__version__}"
 
 
-def parse_fraction(text: str, option: str = "--fail-above") -> float:
-    """``10%`` or ``0.1`` -> 0.1. A bare number of 1 or more is refused as ambiguous (write ``150%``).
-
-    Raises:
-        BadInput: Not a number, negative, or a bare number >= 1.
-    """
-    t = text.strip()
-    percent = t.endswith("%")
-    try:
-        value = float(t[:-1] if percent else t)
-    except ValueError:
-        raise BadInput(f"{option} {text!r}: expected e.g. 10% or 0.1") from None
-    if not math.isfinite(value) or value < 0:
-        raise BadInput(f"{option} {text!r}: must be a finite number >= 0")
-    if not percent and value >= 1:
-        raise BadInput(f"{option} {text!r}: ambiguous; write {value:g}% or {value / 100:g}")
-    return value / 100 if percent else value
-
-
 COMMANDS = {
     "workloads": cmd_workloads,
     "sweep": cmd_sweep,
-    "profile": cmd_profile,
+    "profile": cmd_sweep,  # with the sweep options' defaults, --kind throughput and --profile (build_parser)
     "export": cmd_export,
     "summary": cmd_summary,
     "runs": cmd_runs,

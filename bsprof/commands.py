@@ -15,10 +15,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bsprof.cli_script import script_command, script_job, with_log_dir
 from bsprof.errors import BadInput
+
+if TYPE_CHECKING:
+    from bsprof.engine.convergence import ConvergenceSettings
+    from bsprof.engine.trial import EngineSettings
+    from bsprof.workload import Workload
 
 __all__ = [
     "cmd_check",
@@ -26,7 +31,6 @@ __all__ = [
     "cmd_export",
     "cmd_find_max_batch",
     "cmd_predict",
-    "cmd_profile",
     "cmd_report",
     "cmd_runs",
     "cmd_summary",
@@ -37,7 +41,7 @@ __all__ = [
 log = logging.getLogger("bsprof")
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+def _workload_and_settings(args: argparse.Namespace) -> tuple[Workload, EngineSettings]:
     """Workload and engine settings from the common options (bad input raised before anything is written)."""
     from bsprof.engine.device import resolve_device
     from bsprof.engine.trial import EngineSettings
@@ -58,8 +62,6 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     if getattr(args, "min_time", None) is not None:
         from bsprof.engine.timing import TimingSettings
 
-        if args.timing_warmup_steps < 0:
-            raise BadInput(f"--timing-warmup-steps must be >= 0, got {args.timing_warmup_steps}")
         timing_kwargs["timing"] = TimingSettings(
             warmup_steps=args.timing_warmup_steps, min_time_s=args.min_time, min_steps=args.min_steps
         )
@@ -102,13 +104,11 @@ def cmd_workloads(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convergence_settings(args: argparse.Namespace, workload: Any) -> Any:
+def _convergence_settings(args: argparse.Namespace, workload: Workload) -> ConvergenceSettings:
     from bsprof.engine.convergence import ConvergenceSettings
     from bsprof.engine.noise_scale import GnsSettings
 
-    if args.warmup_steps < 0 or args.warmup_epochs < 0:
-        raise BadInput("--warmup-steps and --warmup-epochs must be >= 0")
-    if args.tune_lr < 0 or args.tune_lr == 1:
+    if args.tune_lr == 1:
         raise BadInput(f"--tune-lr {args.tune_lr}: give 0 (no tuning) or at least 2 learning rates")
     if args.target is not None:
         if not math.isfinite(args.target):
@@ -137,17 +137,17 @@ def _convergence_settings(args: argparse.Namespace, workload: Any) -> Any:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from bsprof.cli import parse_batch_sizes
+    """``bsprof sweep`` (and ``bsprof profile``, whose parser fills in the sweep options it does not take)."""
     from bsprof.console import Progress, print_summary
     from bsprof.engine.sweep import SweepConfig, run_sweep
     from bsprof.store import Store
 
-    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    batch_sizes = args.batch_sizes  # parsed by the CLI (bsprof.options.parse_batch_sizes)
     command = script_command(args)
     if command is not None:
         workload, settings = _load_script(args, command, batch_sizes)
     else:
-        workload, settings = _load(args)
+        workload, settings = _workload_and_settings(args)
     config = SweepConfig(
         workload_ref=args.workload if command is None else f"cmd: {shlex.join(command)}",
         batch_sizes=batch_sizes,
@@ -220,14 +220,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     batch size measuring the gradient noise scale; prints the predicted critical batch size and S(B)."""
     from dataclasses import replace
 
-    from bsprof.cli import parse_batch_sizes
     from bsprof.console import Progress, print_prediction
     from bsprof.engine.noise_scale import GnsSettings
     from bsprof.engine.sweep import SweepConfig, run_sweep
     from bsprof.store import Store
 
-    workload, settings = _load(args)
-    sizes = parse_batch_sizes(args.batch_sizes)
+    workload, settings = _workload_and_settings(args)
+    sizes = args.batch_sizes  # parsed by the CLI (bsprof.options.parse_batch_sizes)
     at = args.at_batch_size or min(sizes)
     conv = replace(
         _convergence_settings(args, workload),
@@ -375,15 +374,6 @@ def _print_profile_note(outcome: Any, trace_dir: str) -> None:
         print(f"bsprof: profiling failed for {len(failed)} trial(s) (first: {first})", file=sys.stderr)
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
-    """``bsprof profile``: ``bsprof sweep --kind throughput --profile`` with the options given here."""
-    from bsprof.cli import build_parser
-
-    options = vars(build_parser().parse_args(["sweep"]))  # every sweep option at its default
-    options.update(vars(args), kind="throughput", profile=True)
-    return cmd_sweep(argparse.Namespace(**options))
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from bsprof.export import curves_frame, trials_frame, write_export
     from bsprof.files import check_output_path
@@ -450,7 +440,7 @@ def cmd_find_max_batch(args: argparse.Namespace) -> int:
     from bsprof.environment import collect_environment
     from bsprof.store import Store
 
-    workload, settings = _load(args)
+    workload, settings = _workload_and_settings(args)
     if args.cap < args.start:
         raise BadInput(f"--cap {args.cap} is below --start {args.start}")
     result = find_max_batch(workload, settings, start=args.start, cap=args.cap)
@@ -483,12 +473,10 @@ def cmd_find_max_batch(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """``bsprof compare``: 1 when a comparison fails the gate (regression, missing or OOM benchmark), 3 when a
     benchmark was measured on a busy host (:class:`~bsprof.errors.BusyHost`), else 0."""
-    from bsprof.cli import parse_fraction
     from bsprof.compare import compare_paths
     from bsprof.console import print_comparison
 
-    threshold = parse_fraction(args.fail_above)
-    mem_threshold = parse_fraction(args.mem_fail_above, option="--mem-fail-above")
+    threshold, mem_threshold = args.fail_above, args.mem_fail_above
     comparisons, warnings = compare_paths(
         args.baseline,
         args.new,

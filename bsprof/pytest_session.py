@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from bsprof.engine.convergence import ConvergenceSettings
     from bsprof.engine.timing import StepTimes
     from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec
-    from bsprof.pytest_plugin import BsprofOptions
+    from bsprof.options import BsprofOptions
     from bsprof.store import Store
     from bsprof.workload import Workload
 

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import REPO, ref
+from helpers import REPO, ref
 
 from bsprof.benchmark_results import convergence_extra_info, throughput_extra_info
 from bsprof.engine.timing import StepTimes
 from bsprof.engine.trial import TrialResult, TrialSpec
 from bsprof.errors import BadInput
-from bsprof.pytest_plugin import OPTIONS, BsprofOptions, _under_xdist, parse_options
+from bsprof.options import SUITE_OPTIONS, BsprofOptions, parse_suite_options
+from bsprof.pytest_plugin import pytest_configure, pytest_report_header, pytest_unconfigure
 from bsprof.store import Store
 
 BENCH = REPO / "benchmarks"
@@ -30,7 +31,7 @@ GPU_KEYS = ("gpu_util_pct", "power_w", "energy_j", "energy_per_sample_j")
 
 def _parse(cli: dict[str, str] | None = None, env: dict[str, str] | None = None) -> BsprofOptions:
     cli = cli or {}
-    return parse_options(lambda suffix: cli.get(suffix), env or {})
+    return parse_suite_options(lambda suffix: cli.get(suffix), env or {})
 
 
 def test_defaults() -> None:
@@ -43,8 +44,8 @@ def test_defaults() -> None:
 
 
 def test_every_option_has_an_environment_variable() -> None:
-    assert all(var == "BSPROF_" + suffix.upper().replace("-", "_") for suffix, (var, _, _) in OPTIONS.items())
-    assert {"workload", "batch-sizes", "device", "seeds", "target", "store"} <= set(OPTIONS)
+    assert all(var == "BSPROF_" + suffix.upper().replace("-", "_") for suffix, (var, _, _) in SUITE_OPTIONS.items())
+    assert {"workload", "batch-sizes", "device", "seeds", "target", "store"} <= set(SUITE_OPTIONS)
 
 
 def test_environment_then_command_line() -> None:
@@ -88,11 +89,35 @@ def test_bad_values_name_the_option(cli: dict[str, str], message: str) -> None:
         _parse(cli)
 
 
-def test_xdist_is_detected() -> None:
-    assert not _under_xdist(SimpleNamespace(option=SimpleNamespace(dist="no")))  # type: ignore[arg-type]
-    assert _under_xdist(SimpleNamespace(option=SimpleNamespace(dist="load", numprocesses=2)))  # type: ignore[arg-type]
-    worker = SimpleNamespace(option=SimpleNamespace(), workerinput={"workerid": "gw0"})
-    assert _under_xdist(worker)  # type: ignore[arg-type]
+def _config(**option: Any) -> Any:
+    """A stand-in for ``pytest.Config`` with what the plugin's configure hooks read."""
+    cli = {"--bsprof-workload": TINY, "--bsprof-device": "cpu"}
+    return SimpleNamespace(option=SimpleNamespace(**option), getoption=cli.get, stash={})
+
+
+@pytest.mark.parametrize(
+    "option", [{"dist": "load", "numprocesses": 2}, {"dist": "no", "numprocesses": 2}, {"dist": "loadscope"}]
+)
+def test_configure_refuses_xdist(option: dict[str, Any]) -> None:
+    with pytest.raises(pytest.UsageError, match="pytest-xdist"):
+        pytest_configure(_config(**option))
+
+
+def test_configure_refuses_an_xdist_worker() -> None:
+    worker = _config(dist="no")
+    worker.workerinput = {"workerid": "gw0"}
+    with pytest.raises(pytest.UsageError, match="pytest-xdist"):
+        pytest_configure(worker)
+
+
+def test_configure_without_xdist_starts_the_session() -> None:
+    config = _config(dist="no")
+    pytest_configure(config)
+    try:
+        assert "device cpu" in (pytest_report_header(config) or "")
+    finally:
+        pytest_unconfigure(config)
+    assert pytest_report_header(config) is None
 
 
 # --- extra_info (pure) ------------------------------------------------------------------------------------

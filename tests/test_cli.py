@@ -3,17 +3,19 @@ errors. Most cases run ``bsprof.cli.main`` in-process; a few run the real ``pyth
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, CliResult, cli_command, cli_env, ref
+from helpers import QUICK_TIMING, REPO, CliResult, cli_command, cli_env, ref
 
-from bsprof.cli import build_parser, parse_batch_sizes
+from bsprof.cli import COMMANDS
+from bsprof.engine.timing import TimingSettings
 from bsprof.errors import BadInput
+from bsprof.options import parse_batch_sizes
 from bsprof.store import Store
 
 # --- parse_batch_sizes --------------------------------------------------------------------------------
@@ -178,13 +180,22 @@ def test_no_command_is_bad_input(cli: Callable[..., CliResult]) -> None:
 # --- help and listing ---------------------------------------------------------------------------------
 
 
+def _documented_commands() -> list[str]:
+    """The subcommands the README's CLI reference lists (``bsprof <command> ...`` lines of its code block)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## CLI reference", 1)[1].split("```", 2)[1]
+    return [line.split()[1] for line in block.splitlines() if line.startswith("bsprof ")]
+
+
+def test_every_documented_subcommand_exists_and_every_subcommand_is_documented(cli: Callable[..., CliResult]) -> None:
+    documented = _documented_commands()
+    assert sorted(documented) == sorted(COMMANDS)
+    usage = cli("--help").out
+    assert all(c in usage for c in documented)
+
+
 def _subcommands() -> list[str]:
-    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return sorted(actions[0].choices)
-
-
-def test_every_documented_subcommand_exists() -> None:
-    assert {"workloads", "sweep", "export", "find-max-batch"} <= set(_subcommands())
+    return sorted(COMMANDS)
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in _subcommands()]], ids=["bsprof", *_subcommands()])
@@ -253,3 +264,20 @@ def test_subprocess_bad_input_one_line_exit_2(
     assert proc.stdout == ""
     assert not store.exists()
     assert not store.parent.exists()
+
+
+# --- the fast_timing fixture reaches the CLI's trials ---------------------------------------------------
+
+
+@pytest.mark.usefixtures("fast_timing")
+def test_fast_timing_shortens_the_cli_trials(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    """Were the fixture's patch to miss the settings the CLI builds, the CLI tests would only get slow; this fails."""
+    default_blocks = next(f.default for f in dataclasses.fields(TimingSettings) if f.name == "min_blocks")
+    store = tmp_path / "s.db"
+    quick = ("--min-time", "1e-6", "--min-steps", "1", "--timing-warmup-steps", "0")
+    result = cli(*SWEEP, "-w", ref("tiny.py"), "-b", "8", *quick, "--store", store)
+    assert result.code == 0, result.err
+    with Store(store) as s:
+        (row,) = s.trial_rows()
+    assert row["status"] == "ok"
+    assert row["measured_steps"] == QUICK_TIMING["min_blocks"] < default_blocks

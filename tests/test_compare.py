@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, CliResult, cli_command, cli_env, run_cli_subprocess
+from helpers import REPO, CliResult, cli_command, cli_env, run_cli_subprocess
 
-from bsprof.cli import parse_fraction
 from bsprof.compare import compare_paths, compare_samples, p_worse
 from bsprof.engine.timing import StepTimes
 from bsprof.engine.trial import TrialResult, TrialSpec
 from bsprof.errors import BadInput
+from bsprof.options import parse_fraction
 from bsprof.store import Store
 
 MACHINE = {"node": "ci", "machine": "x86_64", "processor": "", "system": "Linux", "python_version": "3.11.7"}
@@ -116,7 +116,7 @@ def test_fail_above_parsing(text: str, value: float) -> None:
 @pytest.mark.parametrize("text", ["10", "abc", "-5%", "inf", ""])
 def test_fail_above_rejects(text: str) -> None:
     with pytest.raises(BadInput, match="--fail-above"):
-        parse_fraction(text)
+        parse_fraction(text, option="--fail-above")
 
 
 # --- the command ------------------------------------------------------------------------------------------

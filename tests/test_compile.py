@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ref
+from helpers import ref
 
 from bsprof.engine.convergence import ConvergenceSettings, run_convergence_trial
 from bsprof.engine.step import TrainingStep

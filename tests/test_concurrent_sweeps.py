@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_command, cli_env, ref
+from helpers import REPO, cli_command, cli_env, ref
 
 from bsprof.engine.sweep import SweepConfig, SweepOutcome, run_sweep
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec

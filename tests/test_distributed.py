@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import REPO, cli_command, cli_env
+from helpers import REPO, cli_command, cli_env
 
 from bsprof.engine.distributed import DataParallel, context_from_env, merge_ranks
 from bsprof.engine.result import TrialResult, TrialSpec

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ref
+from helpers import ref
 
 import bsprof.environment as environment
 from bsprof.engine.device import numerics_flags, resolve_device

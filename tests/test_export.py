@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import FAST, THROUGHPUT, CliResult, quick_timing_settings, ref
+from helpers import FAST, THROUGHPUT, CliResult, quick_timing, ref
 
 from bsprof.export import COLUMNS, EXTRA_COLUMNS, trials_frame
 from bsprof.store import Store
@@ -30,13 +30,12 @@ GPU_COLUMNS = ("gpu_util_pct", "power_w", "energy_j")
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with ok throughput trials (8, 16) of one run and an OOM'ing run (64 ok, 256 and 512 oom)."""
-    import bsprof.engine.timing as timing_module
     from bsprof.cli import main
 
     path = tmp_path_factory.mktemp("export") / "s.db"
     common = ("--store", str(path), *THROUGHPUT, *FAST)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(timing_module, "TimingSettings", quick_timing_settings)
+        quick_timing(mp)
         assert main(["sweep", "-w", ref("tiny.py"), "-b", "8,16", *common]) == 0
         assert main(["sweep", "-w", ref("tiny.py", "oom_at_256"), "-b", "64,256,512", *common]) == 0
     return path

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, THROUGHPUT, CliResult, cli_env, ref
+from helpers import FAST, REPO, THROUGHPUT, CliResult, cli_env, ref
 from report_stores import make_store
 
 from bsprof.store import Store
@@ -361,13 +361,13 @@ def test_report_names_the_run_shown_and_suggests_commands_for_the_plugin(
 
 def test_pytest_bsprof_store_that_is_not_a_store_fails_at_session_start(tmp_path: Path) -> None:
     from bsprof.errors import BadInput
-    from bsprof.pytest_plugin import parse_options
+    from bsprof.options import parse_suite_options
     from bsprof.pytest_session import BsprofSession
 
     bad = tmp_path / "notes.txt"
     bad.write_text("not a store\n" * 100, encoding="utf-8")
     before = _sha(bad)
-    options = parse_options(lambda s: {"workload": TINY, "store": str(bad)}.get(s), environ={})
+    options = parse_suite_options(lambda s: {"workload": TINY, "store": str(bad)}.get(s), environ={})
     with pytest.raises(BadInput, match=r"--bsprof-store: .*not a bsprof store"):
         BsprofSession.start(options)
     assert _sha(bad) == before

@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
-from conftest import ref
 from fake_nvml import FakeDevice, FakeNvml, uuid
+from helpers import ref
 
 from bsprof.engine.host_load import HostLoad, assess_host_load, read_host_counters, remeasure_busy
 from bsprof.engine.nvml import open_nvml_gpu

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, cli_command, cli_env
+from helpers import REPO, cli_command, cli_env
 
 from bsprof.store import Store
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CliResult, ref
+from helpers import CliResult, ref
 
 from bsprof.engine.maxbatch import find_max_batch, probe_fits
 from bsprof.engine.step import TrainingStep

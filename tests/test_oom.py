@@ -3,12 +3,14 @@ other errors recorded as ``error`` with their message while the sweep goes on (e
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, THROUGHPUT, CliResult, ref
+from helpers import FAST, THROUGHPUT, CliResult, ref
 
 from bsprof.engine.oom import free_memory, is_oom
 from bsprof.store import Store
@@ -108,8 +110,26 @@ def test_is_oom_survives_a_cycle_in_the_chain() -> None:
     assert is_oom(a)
 
 
-def test_free_memory_on_cpu_is_harmless() -> None:
-    free_memory(torch.device("cpu"))
+def test_free_memory_collects_garbage_and_empties_the_cuda_cache_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Node:
+        pass
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    gc.disable()  # only free_memory may collect the cycle below
+    try:
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]
+        alive = weakref.ref(node)
+        del node
+        assert alive() is not None
+        free_memory(torch.device("cpu"))
+        assert alive() is None and calls == []
+    finally:
+        gc.enable()
+    free_memory(torch.device("cuda", 0))
+    assert calls == ["synchronize", "empty_cache"]  # queued kernels finish before the cache is emptied
 
 
 # --- injected OOM through the CLI ---------------------------------------------------------------------

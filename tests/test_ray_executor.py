@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ref
+from helpers import ref
 
 from bsprof.engine.result import TrialResult, TrialSpec
 from bsprof.engine.sweep import LocalExecutor, SweepConfig, run_sweep

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import ref
+from helpers import ref
 from report_stores import XSS, benchmark_json, make_full_store, make_store
 
 from bsprof.errors import BadInput

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, CliResult
+from helpers import FIXTURES, CliResult
 
 from bsprof.store import Store
 

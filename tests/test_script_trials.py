@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 from bsprof.engine.convergence import ConvergenceSettings
 from bsprof.engine.script import NEVER_TRACKED, ScriptJob, command_for, run_script_trial, trial_dir

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ref
+from helpers import ref
 
 from bsprof.engine.step import IndexBatcher, TrainingStep
 from bsprof.workload import load_workload

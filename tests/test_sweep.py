@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAST, THROUGHPUT, CliResult, ref
+from helpers import FAST, THROUGHPUT, CliResult, ref
 
 from bsprof.engine.result import TrialExtra
 from bsprof.engine.sweep import SweepConfig, SweepOutcome, plan_trials, run_sweep

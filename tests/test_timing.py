@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import ref
+from helpers import ref
 
 from bsprof.engine.timing import StepTimes, TimingSettings, time_steps
 from bsprof.engine.trial import EngineSettings, TrialSpec, run_throughput_trial

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from test_timing import FakeDevice as Fake  # a clock that advances per step; a log of steps, syncs, reads
 
 from bsprof.engine.script_protocol import ENV_VAR, TrialOrder, read_events

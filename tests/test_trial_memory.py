@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import ref
+from helpers import ref
 
 import bsprof.engine.trial as trial_module
 from bsprof.engine.timing import TimingSettings
