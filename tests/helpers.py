@@ -29,6 +29,7 @@ __all__ = [
     "cli_command",
     "cli_env",
     "quick_timing",
+    "quick_timing_settings",
     "ref",
     "run_cli_subprocess",
 ]
@@ -82,6 +83,11 @@ def run_cli_subprocess(*args: str, timeout: float = 120) -> subprocess.Completed
     return subprocess.run(
         cli_command(*args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def quick_timing_settings(**kwargs: Any) -> TimingSettings:
+    """``TimingSettings`` with :data:`QUICK_TIMING`'s defaults; values passed explicitly win."""
+    return TimingSettings(**{**QUICK_TIMING, **kwargs})
 
 
 def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import FAST, THROUGHPUT
+from helpers import FAST, THROUGHPUT
 
 import bsprof.engine.maxbatch as maxbatch
 from bsprof.engine.sweep import auto_micro_batch_size

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import FAST, THROUGHPUT, ref
+from helpers import FAST, THROUGHPUT, ref
 
 
 @pytest.mark.parametrize(

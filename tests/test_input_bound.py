@@ -20,7 +20,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from conftest import FIXTURES, quick_timing_settings, ref
+from helpers import FIXTURES, quick_timing_settings, ref
 
 from bsprof.analysis import INPUT_BOUND_FRAC, input_bound_notes, throughput_table
 from bsprof.engine.data import data_wait_metrics

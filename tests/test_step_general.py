@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES, ref
+from helpers import FIXTURES, ref
 
 from bsprof.engine.schedules import LRSchedule
 from bsprof.engine.step import TrainingStep
