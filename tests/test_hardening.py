@@ -250,25 +250,26 @@ def _workload_file(tmp_path: Path, body: str, prelude: str = "") -> str:
     return f"{path}:factory"
 
 
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
-        ("    def metric(self, outputs, targets):\n        return float('nan')\n", "returned NaN"),
-        ("    def val_split(self):\n        return Split(torch.ones(0, 4), torch.zeros(0, dtype=torch.long))\n",
-         "evaluation split is empty"),
-    ],
-)  # fmt: skip
-def test_nan_metric_and_empty_validation_split_are_clear_trial_errors(
-    cli: Callable[..., CliResult], tmp_path: Path, body: str, message: str
-) -> None:
-    spec = _workload_file(tmp_path, body)
+def test_nan_metric_is_a_clear_trial_error(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    spec = _workload_file(tmp_path, "    def metric(self, outputs, targets):\n        return float('nan')\n")
     r = cli("sweep", "-w", spec, "-b", "8", "--kind", "convergence", "--seeds", "1", "--max-steps", "5",
             "--store", tmp_path / "s.db")  # fmt: skip
     assert r.code == 1 and "Traceback" not in r.err, r.err
-    assert "ZeroDivisionError" not in r.err
     with Store(tmp_path / "s.db") as s:
         rows = s.trial_rows()
-    assert [row["status"] for row in rows] == ["error"] and message in rows[0]["error"]
+    assert [row["status"] for row in rows] == ["error"] and "returned NaN" in rows[0]["error"]
+
+
+def test_empty_validation_split_is_refused_before_the_first_trial(
+    cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    """The workload check before the first trial (issue 13) names the empty split: one line, exit 2, no trial."""
+    body = "    def val_split(self):\n        return Split(torch.ones(0, 4), torch.zeros(0, dtype=torch.long))\n"
+    spec = _workload_file(tmp_path, body)
+    r = cli("sweep", "-w", spec, "-b", "8", "--kind", "convergence", "--seeds", "1", "--max-steps", "5",
+            "--store", tmp_path / "s.db")  # fmt: skip
+    assert r.code == 2 and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert "ZeroDivisionError" not in r.err and "split is empty" in r.err
 
 
 def test_batch_larger_than_the_training_set_is_warned(
