@@ -7,6 +7,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,17 @@ def test_ddp_step_matches_one_process_at_the_global_batch(tmp_path: Path) -> Non
 
     out = tmp_path / "ddp.pt"
     steps = 20
-    # fork: the children inherit the imported modules (spawning re-imports torch, ~10 s on a loaded host)
-    mp.start_processes(_ddp_worker, args=(_free_port(), steps, str(out)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: forking this process (with torch's and the test session's threads running) can deadlock
+    # the child on a lock another thread held at the fork; it did, here, once under load.
+    ctx = mp.start_processes(
+        _ddp_worker, args=(_free_port(), steps, str(out)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two DDP ranks did not finish within 240 s")
     got = torch.load(out)
     spec = TrialSpec("digits-mlp", "convergence", 64, 0, 0.1)
     one = TrainingStep.for_trial(load_workload("digits-mlp"), spec, EngineSettings(device=torch.device("cpu")))
