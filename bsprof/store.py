@@ -11,7 +11,8 @@ Concurrency: WAL journal and a busy timeout, so several processes can write one 
 single short transaction, and ``INSERT ... ON CONFLICT DO NOTHING`` keeps the first writer's trial.
 Concurrent sweeps of one run split the work: a sweep *claims* a trial (a row in ``claims``, taken in a
 ``BEGIN IMMEDIATE`` transaction) before running it; the claim is a lease that its sweep renews while it
-runs, so a killed sweep's claims expire after :data:`CLAIM_LEASE_S` and another sweep may take them.
+runs, so a killed sweep's claims expire after :data:`CLAIM_LEASE_S` (at once when its process, on this host, is
+gone) and another sweep may take them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -466,7 +469,7 @@ class Store:
                 " AND abs(lr - ?) < 1e-12 AND repeat=?",
                 (run_id, kind, batch_size, seed, lr, repeat),
             ).fetchone()
-            if holder and holder[0] != owner and holder[1] > now:
+            if holder and holder[0] != owner and holder[1] > now and _owner_may_be_alive(holder[0]):
                 return False
             self._conn.execute(
                 "DELETE FROM claims WHERE run_id=? AND kind=? AND batch_size=? AND seed=? AND abs(lr - ?) < 1e-12"
@@ -538,3 +541,20 @@ def _is_write_failure(e: sqlite3.OperationalError) -> bool:
     """A write refused by the file system (full disk, read-only file or folder, I/O error)."""
     text = str(e).lower()
     return any(s in text for s in ("full", "readonly", "read-only", "disk i/o", "unable to open"))
+
+
+def _owner_may_be_alive(owner: str) -> bool:
+    """Whether the sweep that holds a claim may still be running: ``False`` only when its owner string
+    (``host:pid:token``, :class:`~bsprof.engine.sweep` sweeps) names this host and a process that no longer
+    exists, so a sweep killed with ``kill -9`` gives its claims up at once instead of after the lease."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

@@ -3,7 +3,9 @@ before it runs, so every trial runs exactly once in total, and each sweep says h
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -83,6 +85,21 @@ def test_a_dead_sweeps_claim_expires_and_a_live_one_is_respected(tmp_path: Path)
         assert store.claim_trial(run.run_id, key, "other")  # the dead owner's lease expired
         store.release_claims("other")
         assert store.claim_trial(run.run_id, key, "third")
+
+
+def test_a_claim_of_a_killed_sweep_on_this_host_is_taken_at_once(tmp_path: Path) -> None:
+    """``kill -9`` then the same command: the dead process's claims must not hold its trials for a lease."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid of this host that no longer runs
+    host = socket.gethostname()
+    with Store(tmp_path / "s.db", create=True) as store:
+        run = store.open_run("tiny", {"x": 1}, {})
+        key = ("throughput", 8, 0, 0.1, 0)
+        assert store.claim_trial(run.run_id, key, f"{host}:{dead.pid}:aaaa", lease_s=600)
+        assert store.claim_trial(run.run_id, key, f"{host}:{os.getpid()}:bbbb")  # its owner is gone
+        assert not store.claim_trial(run.run_id, key, f"{host}:{os.getpid()}:cccc")  # a live owner holds it
+        assert store.claim_trial(run.run_id, ("throughput", 16, 0, 0.1, 0), f"other-host:{dead.pid}:dddd")
+        assert not store.claim_trial(run.run_id, ("throughput", 16, 0, 0.1, 0), f"{host}:{os.getpid()}:bbbb")
 
 
 @pytest.mark.slow
