@@ -2,6 +2,9 @@
 
 Exit codes: 0 success; 1 the measurement itself failed; 2 bad input (one line on stderr, no traceback);
 130 interrupted (finished trials are kept).
+
+Size (about 460 lines, above the ~400 guideline): argparse declarations of every subcommand's options and nothing
+else; long because the options are many.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ At every evaluation the learning curve also records the L2 distance of the weigh
 initialisation and the norm of the gradient of the training loss on a fixed probe batch (model in eval
 mode, no optimizer step), quantities that differ sharply with batch size (Keskar et al. 2016;
 Hoffer et al. 2017).
+
+Size (about 440 lines, above the ~400 guideline): the convergence loop with its evaluation schedule, target and
+bracket, divergence checks and noise-scale probes; the target rule is the candidate to share with engine/target.py.
 """
 
 from __future__ import annotations
