@@ -45,6 +45,8 @@ __all__ = ["CLAIM_LEASE_S", "DEFAULT_STORE", "SCHEMA_VERSION", "RunRecord", "Sto
 DEFAULT_STORE = Path("reports") / "bsprof.db"
 FINISHED = ("ok", "oom", "diverged", "budget_exhausted")  # "error" trials are retried on resume
 CLAIM_LEASE_S = 60.0
+BUSY_TIMEOUT_S = 60.0
+"""How long (s) opening or writing the store waits for another process's lock before it gives up."""
 """Seconds a trial claim lasts unless its sweep renews it (a killed sweep's claims expire after this)."""
 
 _CLAIMS = """CREATE TABLE IF NOT EXISTS claims (
@@ -155,11 +157,11 @@ class Store:
         elif self.path.is_dir():
             raise BadInput(f"store path is a directory, not a SQLite file: {self.path}")
         try:
-            self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         except sqlite3.Error as e:
             raise BadInput(f"cannot open store {self.path}: {e}") from None
         try:
-            self._conn.execute("PRAGMA busy_timeout = 60000")
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._check_or_init(create)
             if create:
@@ -173,6 +175,11 @@ class Store:
 
     def _unreadable(self, e: sqlite3.DatabaseError) -> str:
         """Why the file cannot be used: not an SQLite file at all, a damaged one, or not writable."""
+        if isinstance(e, sqlite3.OperationalError) and _is_busy(e):
+            return (
+                f"store {self.path} stayed locked by another process for {BUSY_TIMEOUT_S:.0f} s (SQLite said: {e}); "
+                "run again when the other bsprof command is done"
+            )
         if isinstance(e, sqlite3.OperationalError) and _is_write_failure(e):
             return f"store {self.path} cannot be written (SQLite said: {e}); check its permissions and free space"
         try:
@@ -207,7 +214,7 @@ class Store:
             return
         if tables or not create:
             raise BadInput(f"{self.path} is an SQLite file but not a bsprof store (no meta table)")
-        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._enable_wal()
         with self.transaction():
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -215,6 +222,22 @@ class Store:
             self._conn.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
+
+    def _enable_wal(self) -> None:
+        """Switch a new store to WAL, retrying while another process switches it at the same moment.
+
+        SQLite answers a concurrent ``PRAGMA journal_mode = WAL`` with SQLITE_BUSY at once, without calling the busy
+        handler (two sweeps started together on a new store hit this), so the wait is done here.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def transaction(self) -> _Transaction:
         """A ``BEGIN IMMEDIATE`` ... ``COMMIT`` block (rolled back on error)."""
@@ -539,6 +562,11 @@ class _Transaction:
             ) from None
         if isinstance(exc, sqlite3.OperationalError) and exc_type is None:
             raise exc
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    """Another connection holds the lock this one needs (SQLITE_BUSY / SQLITE_LOCKED)."""
+    return getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(e)
 
 
 def _is_write_failure(e: sqlite3.OperationalError) -> bool:

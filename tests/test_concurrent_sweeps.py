@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from helpers import REPO, cli_command, cli_env, ref
 
 from bsprof.engine.sweep import SweepConfig, SweepOutcome, run_sweep
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec
+from bsprof.errors import BadInput
 from bsprof.store import Store
 from bsprof.workload import Workload, load_workload
 
@@ -128,3 +131,35 @@ def test_two_cli_sweeps_of_one_run_say_how_many_they_ran(tmp_path: Path) -> None
         assert len(s.runs()) == 1
     assert len(rows) == 6
     assert len({(r["batch_size"], r["repeat"]) for r in rows}) == 6
+
+
+def test_processes_creating_one_new_store_at_once_all_open_it(tmp_path: Path) -> None:
+    """Sweeps started together on a new store: SQLite refuses a concurrent WAL switch at once (no busy wait).
+
+    Before the retry, about one round in six of six racing processes failed with "database is locked".
+    """
+    script = str(REPO / "tests/fixtures/open_new_store.py")
+    failures = []
+    for i in range(10):
+        start_at = time.time() + 1.5
+        procs = [
+            subprocess.Popen(
+                [sys.executable, script, str(tmp_path / f"s{i}.db"), str(start_at)],
+                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for _ in range(4)
+        ]  # fmt: skip
+        failures += [out.strip() for out, _ in (p.communicate(timeout=120) for p in procs) if out.strip() != "ok"]
+    assert not failures, failures
+
+
+def test_a_store_locked_too_long_is_reported_as_locked_not_as_a_foreign_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def locked(self: Store, create: bool) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Store, "_check_or_init", locked)
+    with pytest.raises(BadInput, match="stayed locked by another process") as info:
+        Store(tmp_path / "s.db", create=True)
+    assert "not an SQLite file" not in str(info.value)
