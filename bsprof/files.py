@@ -1,7 +1,8 @@
 """Writing an output file whole or not at all: a temporary file in the same folder, then ``os.replace``.
 
 A full disk, a missing folder or a path that is a directory end in one clear error and leave no partial
-file (neither the output nor the temporary file) behind.
+file (neither the output nor the temporary file) behind. The file gets the mode any new file gets
+(``0o666 & ~umask``), not the private ``0o600`` of the temporary file.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import contextlib
 import errno
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from bsprof.errors import BadInput, BsprofError
 
-__all__ = ["WriteFailed", "check_output_path", "write_atomic"]
+__all__ = ["WriteFailed", "check_output_path", "new_file_mode", "write_atomic"]
+
+_umask_lock = threading.Lock()
 
 
 class WriteFailed(BsprofError):
@@ -36,6 +40,14 @@ def check_output_path(out: str | Path, what: str, *, create_parent: bool = False
     if not create_parent and not path.parent.is_dir():
         raise BadInput(f"{what} {path}: folder {path.parent} does not exist")
     return path
+
+
+def new_file_mode() -> int:
+    """The permission bits ``open(path, "w")`` gives a new file: ``0o666`` less the process's umask."""
+    with _umask_lock:  # reading the umask means setting it: restore it at once, one thread at a time
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_atomic(out: str | Path, write: Callable[[Path], None], what: str, *, create_parent: bool = False) -> Path:
@@ -61,6 +73,7 @@ def write_atomic(out: str | Path, write: Callable[[Path], None], what: str, *, c
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

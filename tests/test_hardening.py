@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -198,6 +199,31 @@ def test_full_disk_sweep_export_report_one_line_and_no_partial_file(
             assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")) == []
         r = cli("sweep", "-w", TINY, "-b", "32", *THROUGHPUT, *FAST, "--store", store)  # full from the start
         _one_line(r, 2, "cannot be written")
+
+
+@pytest.fixture
+def umask() -> Iterator[Callable[[int], None]]:
+    """Set the process umask for the test; the old one is restored after it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_report_and_export_get_the_normal_file_mode_not_0600(
+    cli: Callable[..., CliResult], stored: Path, tmp_path: Path, umask: Callable[[int], None], mask: int
+) -> None:
+    umask(mask)
+    for args, out in (
+        (("report", "--store", stored, "-o"), tmp_path / "r" / "index.html"),
+        (("export", "--store", stored, "-o"), tmp_path / "t.csv"),
+    ):
+        r = cli(*args, out)
+        assert r.code == 0, r.err
+        assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask, (oct(out.stat().st_mode), oct(mask))
+        r = cli(*args, out)  # overwriting gives the same mode
+        assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
 
 
 # --- Ctrl-C ------------------------------------------------------------------------------------------------------
