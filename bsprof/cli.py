@@ -355,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Mann-Whitney test says so at --alpha, when peak memory grew by more than --mem-fail-above, or when a "
         "baseline benchmark is missing or out of memory in NEW; 0 otherwise; 2 on bad or corrupt input and on "
         "results from a different torch/CUDA/device (unless --allow-env-mismatch); 3 when a benchmark was measured on "
-        "a busy host (unless --allow-busy).",
+        "a busy host (unless --allow-busy). With --rerun CMD, a benchmark that regressed or was measured on a busy "
+        "host is re-run first (up to --reruns times): a regression fails only if a quiet re-run still shows it, and a "
+        "benchmark still busy after its re-runs is exit 3.",
     )
     cp.add_argument("baseline", help="the reference: pytest-benchmark JSON (--benchmark-json) or a bsprof store")
     cp.add_argument("new", help="the results under test, of the same kind")
@@ -383,6 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-busy",
         action="store_true",
         help="judge benchmarks measured on a busy host (refused by default: exit 3; README, 'Noisy hosts')",
+    )
+    cp.add_argument(
+        "--rerun",
+        metavar="CMD",
+        help="before failing, re-run the benchmarks of NEW that regressed or were measured on a busy host with this "
+        "suite command and judge the re-measured figures; {json}: the results file it must write, {tests}: the "
+        "benchmarks' names (README, 'Nightly GPU CI')",
+    )
+    cp.add_argument(
+        "--reruns",
+        type=_COUNT,
+        default=2,
+        metavar="N",
+        help="most re-runs of --rerun before judging (default: 2)",
     )
 
     ck = sub.add_parser(

@@ -475,20 +475,32 @@ def cmd_find_max_batch(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``bsprof compare``: 1 when a comparison fails the gate (regression, missing or OOM benchmark), 3 when a
-    benchmark was measured on a busy host (:class:`~bsprof.errors.BusyHost`), else 0."""
+    benchmark was measured on a busy host (:class:`~bsprof.errors.BusyHost`; with ``--rerun``, after its
+    re-runs), else 0."""
     from bsprof.compare import compare_paths
+    from bsprof.compare_rerun import compare_with_reruns
     from bsprof.console import print_comparison
 
     threshold, mem_threshold = args.fail_above, args.mem_fail_above
-    comparisons, warnings = compare_paths(
-        args.baseline,
-        args.new,
-        threshold=threshold,
-        alpha=args.alpha,
-        mem_threshold=mem_threshold,
-        allow_env_mismatch=args.allow_env_mismatch,
-        allow_busy=args.allow_busy,
-    )
+    judge = {
+        "threshold": threshold,
+        "alpha": args.alpha,
+        "mem_threshold": mem_threshold,
+        "allow_env_mismatch": args.allow_env_mismatch,
+        "allow_busy": args.allow_busy,
+    }
+    if getattr(args, "rerun", None):
+        gate = compare_with_reruns(args.baseline, args.new, command=args.rerun, reruns=args.reruns, **judge)
+        comparisons, warnings = gate.comparisons, gate.warnings
+        for r in gate.reruns:
+            print(
+                f"bsprof compare: re-run {r.attempt}/{args.reruns}: {len(r.names)} benchmark(s) "
+                f"({len(r.busy_before)} busy, {len(r.names) - len(r.busy_before)} regressed), "
+                f"{len(r.still_busy)} still busy",
+                file=sys.stderr,
+            )
+    else:
+        comparisons, warnings = compare_paths(args.baseline, args.new, **judge)
     print_comparison(comparisons, threshold=threshold, alpha=args.alpha, mem_threshold=mem_threshold)
     for w in warnings:
         print(f"bsprof compare: warning: {w}", file=sys.stderr)

@@ -49,7 +49,9 @@ __all__ = [
     "STATISTICS",
     "Comparison",
     "Result",
+    "busy_benchmarks",
     "compare_paths",
+    "compare_results",
     "compare_samples",
     "environment_mismatch",
     "load_result",
@@ -205,6 +207,19 @@ def _memory(base: Result, new: Result, threshold: float) -> list[Comparison]:
     return out
 
 
+def _check_thresholds(threshold: float, mem_threshold: float, alpha: float) -> None:
+    for label, value in (("threshold", threshold), ("memory threshold", mem_threshold)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise BadInput(f"{label} must be a finite number >= 0, got {value}")
+    if not 0 < alpha < 1:
+        raise BadInput(f"alpha must be in (0, 1), got {alpha}")
+
+
+def busy_benchmarks(base: Result, new: Result) -> list[str]:
+    """``"<side>: <benchmark> (<why>)"`` for every benchmark either input measured on a busy host."""
+    return [f"{label}: {n} ({why})" for label, r in (("baseline", base), ("new", new)) for n, why in r.busy.items()]
+
+
 def compare_paths(
     baseline: str | Path,
     new: str | Path,
@@ -217,13 +232,53 @@ def compare_paths(
 ) -> tuple[list[Comparison], list[str]]:
     """Compare every benchmark of the baseline with the new result; returns the comparisons and warnings.
 
-    A benchmark that measured in the baseline but is missing from the new result, or ended ``oom`` (or any
-    other failure) there, is a comparison with verdict ``missing`` / ``oom``: a failure (see :data:`FAILING`).
-    Peak memory is compared where both measured it: a growth beyond ``mem_threshold`` is a ``regression``.
+    Reads both inputs (:func:`load_result`) and judges them with :func:`compare_results`.
 
     Args:
         baseline: The reference results (a pytest-benchmark JSON file or a bsprof store).
         new: The results under test, of the same kind.
+        threshold, alpha, mem_threshold, allow_env_mismatch, allow_busy: See :func:`compare_results`.
+
+    Raises:
+        BusyHost: See :func:`compare_results`.
+        BadInput: Unreadable, corrupt or non-finite inputs, bad thresholds or alpha, and see
+            :func:`compare_results`.
+    """
+    _check_thresholds(threshold, mem_threshold, alpha)
+    base_r, new_r = load_result(baseline), load_result(new)
+    return compare_results(
+        base_r,
+        new_r,
+        threshold=threshold,
+        alpha=alpha,
+        mem_threshold=mem_threshold,
+        allow_env_mismatch=allow_env_mismatch,
+        allow_busy=allow_busy,
+        names=(str(baseline), str(new)),
+    )
+
+
+def compare_results(
+    base_r: Result,
+    new_r: Result,
+    *,
+    threshold: float = 0.10,
+    alpha: float = 0.05,
+    mem_threshold: float = 0.10,
+    allow_env_mismatch: bool = False,
+    allow_busy: bool = False,
+    names: tuple[str, str] = ("the baseline", "the new result"),
+    busy_hint: str = "re-run them on a quiet host (`bsprof check`)",
+) -> tuple[list[Comparison], list[str]]:
+    """The gate's verdicts on two read inputs: every benchmark of the baseline against the new result.
+
+    A benchmark that measured in the baseline but is missing from the new result, or ended ``oom`` (or any
+    other failure) there, is a comparison with verdict ``missing`` / ``oom``: a failure (see :data:`PASSING`).
+    Peak memory is compared where both measured it: a growth beyond ``mem_threshold`` is a ``regression``.
+
+    Args:
+        base_r: The reference results.
+        new_r: The results under test.
         threshold: Relative change of the compared statistic (minimum step time, median steps-to-target)
             that may count as a regression (0.10 = 10%).
         alpha: Significance level of the one-sided test.
@@ -231,25 +286,22 @@ def compare_paths(
         allow_env_mismatch: Compare results whose torch/CUDA version or device differ (stated as a warning)
             instead of refusing.
         allow_busy: Compare benchmarks measured on a busy host (stated as a warning) instead of refusing.
+        names: How the two inputs are named in messages.
+        busy_hint: What the refusal of busy benchmarks tells the user to do.
 
     Raises:
         BusyHost: A benchmark of either input was measured on a busy host (``host_busy``) and not
             ``allow_busy`` (exit code 3).
-        BadInput: Unreadable, corrupt or non-finite inputs, bad thresholds or alpha, no benchmark in common,
-            or results from a different torch/CUDA/device without ``allow_env_mismatch``.
+        BadInput: No benchmark in common, or results from a different torch/CUDA/device without
+            ``allow_env_mismatch``.
     """
-    for label, value in (("threshold", threshold), ("memory threshold", mem_threshold)):
-        if not (value >= 0 and math.isfinite(value)):
-            raise BadInput(f"{label} must be a finite number >= 0, got {value}")
-    if not 0 < alpha < 1:
-        raise BadInput(f"alpha must be in (0, 1), got {alpha}")
-    base_r, new_r = load_result(baseline), load_result(new)
+    _check_thresholds(threshold, mem_threshold, alpha)
     warnings: list[str] = []
-    busy = [f"{label}: {n} ({why})" for label, r in (("baseline", base_r), ("new", new_r)) for n, why in r.busy.items()]
+    busy = busy_benchmarks(base_r, new_r)
     if busy and not allow_busy:
         raise BusyHost(
-            f"refusing to judge {len(busy)} benchmark(s) measured on a busy host, first {busy[0]}; re-run them on a "
-            "quiet host (`bsprof check`), or pass --allow-busy to compare anyway"
+            f"refusing to judge {len(busy)} benchmark(s) measured on a busy host, first {busy[0]}; {busy_hint}, "
+            "or pass --allow-busy to compare anyway"
         )
     if busy:
         warnings.append(f"{len(busy)} benchmark(s) measured on a busy host: differences may not be regressions")
@@ -263,7 +315,7 @@ def compare_paths(
     common = [k for k in base_s if k in new_s]  # in the baseline's order (pytest's: by batch size)
     failures = _status_failures(base_r, new_r)
     if not set(base_r.status) & set(new_r.status):  # nothing shared: a wrong file, not a night that lost all
-        raise BadInput(f"{baseline} and {new} have no benchmark in common: nothing to compare")
+        raise BadInput(f"{names[0]} and {names[1]} have no benchmark in common: nothing to compare")
     if base_r.machine != new_r.machine:
         warnings.append("the two inputs come from different machines: differences may not be regressions")
     if base_r.threads and new_r.threads and base_r.threads != new_r.threads:

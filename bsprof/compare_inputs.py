@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,25 @@ class Result:
     threads: str | None = None
     config_hash: str | None = None
     busy: dict[str, str] = field(default_factory=dict)
+
+    def remeasured(self, names: Iterable[str], rerun: Result) -> Result:
+        """This result with the benchmarks ``names`` taken from ``rerun`` (their samples, status, peak memory,
+        device and busy mark): what the gate judges after re-running them. Every name must be in ``rerun``."""
+        names = set(names)
+
+        def pick(mine: dict[Any, Any], theirs: dict[Any, Any], key: Callable[[Any], str] = str) -> dict[Any, Any]:
+            return {k: v for k, v in mine.items() if key(k) not in names} | {
+                k: v for k, v in theirs.items() if key(k) in names
+            }
+
+        return replace(
+            self,
+            samples=pick(self.samples, rerun.samples, key=lambda k: k[0]),
+            status=pick(self.status, rerun.status),
+            peak_mem_bytes=pick(self.peak_mem_bytes, rerun.peak_mem_bytes),
+            devices=pick(self.devices, rerun.devices),
+            busy=pick(self.busy, rerun.busy),
+        )
 
 
 def _from_benchmark_json(path: Path) -> Result:

@@ -90,6 +90,9 @@ def test_every_bsprof_command_parses_and_the_gate_compares_with_the_baseline(job
     assert report.benchmark_json == ["reports/bench.json"] and report.store == "reports/bsprof.db"
     (compare,) = [a for a in parsed if a.command == "compare"]
     assert (compare.baseline, compare.new, compare.fail_above) == ("baseline/bench.json", "reports/bench.json", 0.1)
+    rerun = shlex.split(compare.rerun)  # the gate re-runs flagged benchmarks with the suite's own command
+    assert rerun[:3] == ["python", "-m", "pytest"] and "{tests}" in rerun and "{json}" in rerun
+    assert "--benchmark-save-data" in rerun and "--benchmark-only" in rerun
     uploads = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
     assert any(s["with"]["path"] == "reports/bench.json" for s in uploads)
     finder = next(s for s in job["steps"] if s.get("id") == "baseline")
