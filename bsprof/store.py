@@ -9,14 +9,11 @@
 
 Concurrency: WAL journal and a busy timeout, so several processes can write one store; each trial is a
 single short transaction, and ``INSERT ... ON CONFLICT DO NOTHING`` keeps the first writer's trial.
-Concurrent sweeps of one run split the work: a sweep *claims* a trial (a row in ``claims``, taken in a
-``BEGIN IMMEDIATE`` transaction) before running it; the claim is a lease that its sweep renews while it
-runs, so a killed sweep's claims expire after :data:`CLAIM_LEASE_S` (at once when its process, on this host, is
-gone) and another sweep may take them.
+Concurrent sweeps of one run split the work by claiming trials before running them: the claims methods live
+in :mod:`bsprof.store_claims` (:class:`~bsprof.store_claims.ClaimsMixin`), on this store's connection.
 
-Size (about 560 lines, above the ~400 guideline): schema and migrations, run identity, trial writes and reads, and
-the claims of concurrent sweeps share one connection and one transaction discipline; the claims are the next part to
-move into a module of their own.
+Size (about 500 lines, above the ~400 guideline): schema, run identity, trial writes and reads share one connection
+and one transaction discipline.
 """
 
 from __future__ import annotations
@@ -24,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import socket
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -36,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from bsprof.errors import BadInput, BsprofError
 from bsprof.files import WriteFailed
 from bsprof.schema import SCHEMA_VERSION
+from bsprof.store_claims import CLAIM_LEASE_S, FINISHED, ClaimsMixin
 
 if TYPE_CHECKING:
     from bsprof.engine.trial import TrialResult, TrialSpec
@@ -43,17 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["CLAIM_LEASE_S", "DEFAULT_STORE", "SCHEMA_VERSION", "RunRecord", "Store", "config_hash"]
 
 DEFAULT_STORE = Path("reports") / "bsprof.db"
-FINISHED = ("ok", "oom", "diverged", "budget_exhausted")  # "error" trials are retried on resume
-CLAIM_LEASE_S = 60.0
 BUSY_TIMEOUT_S = 60.0
 """How long (s) opening or writing the store waits for another process's lock before it gives up."""
-"""Seconds a trial claim lasts unless its sweep renews it (a killed sweep's claims expire after this)."""
-
-_CLAIMS = """CREATE TABLE IF NOT EXISTS claims (
-    run_id TEXT NOT NULL, kind TEXT NOT NULL, batch_size INTEGER NOT NULL, seed INTEGER NOT NULL,
-    lr REAL NOT NULL, repeat INTEGER NOT NULL, owner TEXT NOT NULL, expires_at REAL NOT NULL,
-    PRIMARY KEY (run_id, kind, batch_size, seed, lr, repeat)
-)"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -137,7 +124,7 @@ class RunRecord:
     environment: dict[str, Any]
 
 
-class Store:
+class Store(ClaimsMixin):
     """A bsprof SQLite store.
 
     Args:
@@ -470,69 +457,6 @@ class Store:
             for r in rows
         ]
 
-    # claims (concurrent sweeps of one run) ------------------------------------------------------------
-    def claim_trial(
-        self, run_id: str, key: tuple[str, int, int, float, int], owner: str, lease_s: float = CLAIM_LEASE_S
-    ) -> bool:
-        """Claim the trial ``key`` (:meth:`TrialSpec.key`) of ``run_id`` for ``owner``, atomically.
-
-        Returns:
-            ``False`` when the trial is already finished in the store or another owner holds an unexpired
-            claim on it; otherwise the claim is taken (or renewed) until ``now + lease_s`` and ``True``.
-        """
-        kind, batch_size, seed, lr, repeat = key
-        now = time.time()
-        with self.transaction():
-            self._conn.execute(_CLAIMS)
-            finished = self._conn.execute(
-                "SELECT 1 FROM trials WHERE run_id=? AND kind=? AND batch_size=? AND seed=? AND abs(lr - ?) < 1e-12"
-                f" AND repeat=? AND status IN ({','.join('?' * len(FINISHED))})",
-                (run_id, kind, batch_size, seed, lr, repeat, *FINISHED),
-            ).fetchone()
-            if finished:
-                return False
-            holder = self._conn.execute(
-                "SELECT owner, expires_at FROM claims WHERE run_id=? AND kind=? AND batch_size=? AND seed=?"
-                " AND abs(lr - ?) < 1e-12 AND repeat=?",
-                (run_id, kind, batch_size, seed, lr, repeat),
-            ).fetchone()
-            if holder and holder[0] != owner and holder[1] > now and _owner_may_be_alive(holder[0]):
-                return False
-            self._conn.execute(
-                "DELETE FROM claims WHERE run_id=? AND kind=? AND batch_size=? AND seed=? AND abs(lr - ?) < 1e-12"
-                " AND repeat=?",
-                (run_id, kind, batch_size, seed, lr, repeat),
-            )
-            self._conn.execute(
-                "INSERT INTO claims(run_id, kind, batch_size, seed, lr, repeat, owner, expires_at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (run_id, kind, batch_size, seed, lr, repeat, owner, now + lease_s),
-            )
-        return True
-
-    def renew_claims(self, owner: str, lease_s: float = CLAIM_LEASE_S) -> None:
-        """Extend every claim of ``owner`` to ``now + lease_s``."""
-        with self.transaction():
-            self._conn.execute(_CLAIMS)
-            self._conn.execute("UPDATE claims SET expires_at=? WHERE owner=?", (time.time() + lease_s, owner))
-
-    def release_claim(self, run_id: str, key: tuple[str, int, int, float, int], owner: str) -> None:
-        """Give up ``owner``'s claim on one trial (it is stored)."""
-        kind, batch_size, seed, lr, repeat = key
-        with self.transaction():
-            self._conn.execute(_CLAIMS)
-            self._conn.execute(
-                "DELETE FROM claims WHERE run_id=? AND kind=? AND batch_size=? AND seed=? AND abs(lr - ?) < 1e-12"
-                " AND repeat=? AND owner=?",
-                (run_id, kind, batch_size, seed, lr, repeat, owner),
-            )
-
-    def release_claims(self, owner: str) -> None:
-        """Give up every claim of ``owner`` (its trials are stored, or its sweep is ending)."""
-        with self.transaction():
-            self._conn.execute(_CLAIMS)
-            self._conn.execute("DELETE FROM claims WHERE owner=?", (owner,))
-
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check`` answer (``"ok"`` when sound)."""
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
@@ -573,20 +497,3 @@ def _is_write_failure(e: sqlite3.OperationalError) -> bool:
     """A write refused by the file system (full disk, read-only file or folder, I/O error)."""
     text = str(e).lower()
     return any(s in text for s in ("full", "readonly", "read-only", "disk i/o", "unable to open"))
-
-
-def _owner_may_be_alive(owner: str) -> bool:
-    """Whether the sweep that holds a claim may still be running: ``False`` only when its owner string
-    (``host:pid:token``, :class:`~bsprof.engine.sweep` sweeps) names this host and a process that no longer
-    exists, so a sweep killed with ``kill -9`` gives its claims up at once instead of after the lease."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True

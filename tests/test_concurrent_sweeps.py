@@ -90,6 +90,24 @@ def test_a_dead_sweeps_claim_expires_and_a_live_one_is_respected(tmp_path: Path)
         assert store.claim_trial(run.run_id, key, "third")
 
 
+def test_one_trial_key_names_the_same_trial_in_claim_release_and_finished_checks(tmp_path: Path) -> None:
+    """Claiming, releasing and the "already stored" check all name a trial by the same key (lr within 1e-12)."""
+    with Store(tmp_path / "s.db", create=True) as store:
+        run = store.open_run("tiny", {"x": 1}, {})
+        key, near = ("throughput", 8, 0, 0.1, 0), ("throughput", 8, 0, 0.1 + 1e-15, 0)
+        assert store.claim_trial(run.run_id, key, "a", lease_s=600)
+        assert not store.claim_trial(run.run_id, near, "b")  # the same trial
+        assert store.claim_trial(run.run_id, ("throughput", 8, 0, 0.1, 1), "b")  # another repeat: another trial
+        store.release_claim(run.run_id, near, "b")  # b does not hold this one: a's claim stays
+        assert not store.claim_trial(run.run_id, key, "c")
+        store.release_claim(run.run_id, near, "a")
+        assert store.claim_trial(run.run_id, key, "c")
+        store.release_claims("c")
+        spec = TrialSpec("tiny", "throughput", 8, 0, 0.1)
+        store.add_trial(run.run_id, TrialResult(spec, "ok", "cpu", "cpu"))
+        assert not store.claim_trial(run.run_id, near, "d")  # stored: nobody runs it again
+
+
 def test_a_claim_of_a_killed_sweep_on_this_host_is_taken_at_once(tmp_path: Path) -> None:
     """``kill -9`` then the same command: the dead process's claims must not hold its trials for a lease."""
     dead = subprocess.Popen(["true"])
