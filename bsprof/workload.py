@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bsprof.engine.target import TARGET_RTOL, meets_target
 from bsprof.errors import BadInput
 
 if TYPE_CHECKING:
@@ -37,9 +38,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["TARGET_RTOL", "Split", "Workload", "load_workload"]
-
-TARGET_RTOL = 1e-6
-"""Relative tolerance of :meth:`Workload.has_reached_target`: absorbs float32 rounding of user metrics."""
 
 
 @dataclass(frozen=True)
@@ -194,8 +192,7 @@ class Workload(ABC):
     def has_reached_target(self, value: float, target: float) -> bool:
         """Whether a metric value meets the target, respecting :attr:`higher_is_better`, in float64 and within
         a relative :data:`TARGET_RTOL` of it (so a float32 metric of exactly the target counts)."""
-        slack = TARGET_RTOL * abs(target)
-        return value >= target - slack if self.higher_is_better else value <= target + slack
+        return meets_target(value, target, self.higher_is_better)
 
     def config(self) -> dict[str, object]:
         """Parameters that identify this workload's variant; part of a run's config hash."""

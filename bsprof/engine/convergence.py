@@ -21,8 +21,9 @@ initialisation and the norm of the gradient of the training loss on a fixed prob
 mode, no optimizer step), quantities that differ sharply with batch size (Keskar et al. 2016;
 Hoffer et al. 2017).
 
-Size (about 440 lines, above the ~400 guideline): the convergence loop with its evaluation schedule, target and
-bracket, divergence checks and noise-scale probes; the target rule is the candidate to share with engine/target.py.
+Size (about 420 lines, above the ~400 guideline): the convergence loop with its evaluation schedule, divergence
+checks and noise-scale probes; the target and bracket rule is :class:`~bsprof.engine.target.TargetWatch`, the
+one that script trials use.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bsprof.engine.data import eval_batches, is_map_dataset, is_split, make_sour
 from bsprof.engine.device import synchronizer
 from bsprof.engine.noise_scale import GnsSettings, NoiseScaleTracker
 from bsprof.engine.step import TrainingStep, flush_denormal
+from bsprof.engine.target import TargetWatch
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, begin_trial, ended, run_guarded
 
 if TYPE_CHECKING:
@@ -286,12 +288,7 @@ def _train_steps(
     first_loss: float | None = None
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
-    streak_start: dict[str, Any] | None = None
-    streak = 0
-    reached: dict[str, Any] | None = None
-    above_before = False
-    fallbacks = 0
-    prev_eval_step = 0
+    watch = TargetWatch(target, conv.patience, workload.higher_is_better, rule=workload.has_reached_target)
     status = "budget_exhausted"
     error = None
     next_eval = schedule.next_after(0)
@@ -352,36 +349,23 @@ def _train_steps(
                 "lr": step.optimizer.param_groups[0]["lr"],
                 "weight_distance": _distance(step.model, init),
                 "grad_norm": _grad_norm(step.model, workload, probe),
-                "bracket_step": prev_eval_step,
             }
+            watch.observe(row)  # the one target rule (engine/target.py); sets row["bracket_step"]
             row.update(step.gradient_norms() or {})
             curve.append(row)
             loss_sum.zero_()
             loss_count = 0
-            above = workload.has_reached_target(metric, target)
-            if above_before and not above:
-                fallbacks += 1
-            above_before = above
-            if above:
-                if streak == 0:
-                    streak_start = row
-                streak += 1
-                if reached is None and streak >= conv.patience:
-                    reached = streak_start
-            else:
-                streak = 0
-            prev_eval_step = s
             next_eval = schedule.next_after(s)
             eval_s += time.perf_counter() - e0
             if tracker is not None:  # its seconds are its own (gns_time_s), in neither training nor evaluation
-                last = (reached is not None and not conv.continue_after_target) or out_of_budget or (
+                last = (watch.reached is not None and not conv.continue_after_target) or out_of_budget or (
                     conv.max_time_s is not None and train_s >= conv.max_time_s)  # fmt: skip
                 row.update(tracker.record(s, force=last))
-        if reached is not None and not conv.continue_after_target:
+        if watch.reached is not None and not conv.continue_after_target:
             status = "ok"
             break
         if out_of_budget or (conv.max_time_s is not None and train_s >= conv.max_time_s):
-            status = "ok" if reached is not None else "budget_exhausted"
+            status = "ok" if watch.reached is not None else "budget_exhausted"
             if status == "budget_exhausted":
                 error = f"target {target} not reached within the budget ({s} steps, {train_s:.1f} s)"
             break
@@ -394,22 +378,18 @@ def _train_steps(
         final_train = evaluate(step.model, workload, train_eval, device)
     final_val = curve[-1]["val_metric"] if curve and curve[-1]["val_metric"] is not None else None
     eval_s += time.perf_counter() - e0
+    reached = watch.reached
     metrics: dict[str, Any] = {
-        "reached_target": reached is not None,
+        **watch.to_target(),
         "target": target,
         "higher_is_better": workload.higher_is_better,
-        "steps_to_target": reached["step"] if reached else None,
-        "samples_to_target": reached["samples"] if reached else None,
         "epochs_to_target": reached["epochs"] if reached else None,
-        "time_to_target_s": reached["train_s"] if reached else None,
-        "bracket_steps": reached["bracket_step"] if reached else None,
         "final_train_metric": final_train,
         "final_val_metric": final_val,
         "train_time_s": train_s,
         "eval_time_s": eval_s,
         "steps_run": step.steps_done,
         "warmup_steps": warmup,
-        "target_fallbacks": fallbacks,
         "evaluations": sum(1 for r in curve if r.get("val_metric") is not None),
     }
     if compile_s is not None:

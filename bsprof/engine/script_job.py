@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bsprof.engine.result import TrialSpec
+from bsprof.engine.target import meets_target
 from bsprof.errors import BadInput
 
 __all__ = ["PLACEHOLDERS", "ScriptJob", "command_for", "trial_dir"]
@@ -81,8 +82,8 @@ class ScriptJob:
         }
 
     def has_reached_target(self, value: float, target: float) -> bool:
-        """Whether ``value`` meets ``target`` in the metric's direction."""
-        return value >= target if self.higher_is_better else value <= target
+        """Whether ``value`` meets ``target`` in the metric's direction (:func:`~bsprof.engine.target.meets_target`)."""
+        return meets_target(value, target, self.higher_is_better)
 
 
 def _placeholders(token: str) -> list[str]:

@@ -171,14 +171,7 @@ def _measured(
         watch.observe(row)
         curve.append(row)
     reached = watch.reached
-    metrics.update(
-        reached_target=reached is not None,
-        steps_to_target=reached["step"] if reached else None,
-        samples_to_target=reached["samples"] if reached else None,
-        time_to_target_s=reached["train_s"] if reached else None,
-        bracket_steps=reached["bracket_step"] if reached else None,
-        target_fallbacks=watch.fallbacks,
-    )
+    metrics.update(watch.to_target())
     if reached is None:
         for k in ("steps_to_target", "samples_to_target", "time_to_target_s"):
             reasons[k] = "target not reached (budget_exhausted)"
