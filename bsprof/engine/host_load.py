@@ -22,20 +22,25 @@ Everything here is pure apart from :func:`read_host_counters` (Linux ``/proc``; 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from bsprof.engine.result import TrialResult
 
 __all__ = [
+    "BUSY_ROUND_SHARE_MAX",
     "HOST_KEYS",
     "OTHER_CPU_SLACK_CORES",
     "RUN_QUEUE_SLACK",
     "STEAL_PCT_MAX",
     "HostLoad",
+    "HostWindow",
+    "QuietMeasurement",
     "assess_host_load",
+    "measure_on_quiet_host",
     "read_host_counters",
     "remeasure_busy",
 ]
@@ -51,6 +56,12 @@ STEAL_PCT_MAX = 10.0
 
 HOST_KEYS = ("sys_busy_s", "sys_total_s", "sys_steal_s", "procs_running", "own_cpu_s", "sampler_cpu_s")
 """Keys :func:`read_host_counters` adds to a poll (cumulative seconds, and the instantaneous run queue)."""
+
+BUSY_ROUND_SHARE_MAX = 0.25
+"""Share of a :class:`HostWindow`'s rounds that may be busy before the whole measurement counts as busy: a verdict
+taken as a median over rounds survives a few disturbed rounds, not a quarter of them."""
+
+_T = TypeVar("_T")
 
 _TICK_S = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
@@ -232,3 +243,106 @@ def remeasure_busy(run: Callable[[], TrialResult], attempts: int) -> TrialResult
 def _is_busy(result: TrialResult) -> bool:
     load = result.extra.host_load
     return result.status == "ok" and load is not None and load.busy
+
+
+class HostWindow:
+    """The host's counters read at the moments the caller picks (between its timed rounds), for measurements
+    made outside the engine's trials (the benchmarks that assert a verdict): no thread and no process run beside
+    the measurement, and nothing is read while a round is timed.
+
+    This process reads the counters, so its own CPU time is the measurement's (``own_cpu_s``).
+
+    Args:
+        threads: CPU threads the measurement needs.
+        cpu_count: Logical CPUs of the host (default: ``os.cpu_count()``).
+        read: Reads the host's counters (:func:`read_host_counters`; tests pass fakes).
+        clock: Seconds, monotonic.
+    """
+
+    def __init__(
+        self,
+        *,
+        threads: int,
+        cpu_count: int | None = None,
+        read: Callable[[], dict[str, float] | None] = read_host_counters,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.threads = threads
+        self.cpu_count = cpu_count or os.cpu_count() or 1
+        self._read, self._clock = read, clock
+        self._t0 = clock()
+        self.rows: list[dict[str, float]] = []
+
+    def mark(self) -> None:
+        """Read the host's counters now: a round boundary (nothing is recorded where they cannot be read)."""
+        counters = self._read()
+        if counters is None:
+            return
+        own = counters.get("sampler_cpu_s", 0.0)
+        self.rows.append({**counters, "own_cpu_s": own, "sampler_cpu_s": 0.0, "t_s": self._clock() - self._t0})
+
+    def _assess(self, rows: Sequence[dict[str, Any]]) -> HostLoad | None:
+        return assess_host_load(rows, cpu_count=self.cpu_count, threads=self.threads)
+
+    def busy_reason(self) -> str | None:
+        """Why the window counts as busy, or ``None``: when the whole window is busy (:func:`assess_host_load`),
+        or when more than :data:`BUSY_ROUND_SHARE_MAX` of its rounds (between consecutive marks) are.
+        ``None`` too when fewer than two marks could be read (nothing to judge by)."""
+        whole = self._assess(self.rows)
+        if whole is None:
+            return None
+        if whole.busy:
+            return "; ".join(whole.busy_reasons)
+        loads = [self._assess(self.rows[i : i + 2]) for i in range(len(self.rows) - 1)]
+        rounds = [r for r in loads if r is not None and r.wall_s > 0]
+        busy = [r for r in rounds if r.busy]
+        if busy and len(busy) > BUSY_ROUND_SHARE_MAX * len(rounds):
+            return f"{len(busy)} of {len(rounds)} rounds on a busy host, first: {busy[0].busy_reasons[0]}"
+        return None
+
+
+@dataclass(frozen=True)
+class QuietMeasurement(Generic[_T]):
+    """The outcome of :func:`measure_on_quiet_host`.
+
+    Attributes:
+        value: What the last attempt measured.
+        busy_reason: Why the last attempt counts as measured on a busy host, ``None`` when it does not.
+        attempts: Attempts made (1 = the first was quiet).
+        busy_reasons: Why each busy attempt was busy, in order.
+    """
+
+    value: _T
+    busy_reason: str | None
+    attempts: int
+    busy_reasons: tuple[str, ...] = ()
+
+
+def measure_on_quiet_host(
+    measure: Callable[[HostWindow], _T],
+    *,
+    attempts: int,
+    threads: int,
+    window: Callable[[], HostWindow] | None = None,
+) -> QuietMeasurement[_T]:
+    """``measure(window)`` in a fresh :class:`HostWindow`, again while the host was busy, at most ``attempts``
+    times in all. The window is marked before and after; ``measure`` marks it between its rounds.
+
+    Args:
+        measure: Makes the measurement, calling ``window.mark()`` at its round boundaries.
+        attempts: Most attempts (>= 1).
+        threads: CPU threads the measurement needs.
+        window: Makes the window (default: ``HostWindow(threads=threads)``; tests pass fakes).
+    """
+    make = window or (lambda: HostWindow(threads=threads))
+    reasons: list[str] = []
+    for attempt in range(1, max(1, attempts) + 1):
+        w = make()
+        w.mark()
+        value = measure(w)
+        w.mark()
+        why = w.busy_reason()
+        if why is None:
+            return QuietMeasurement(value, None, attempt, tuple(reasons))
+        reasons.append(why)
+    return QuietMeasurement(value, reasons[-1], len(reasons), tuple(reasons))
