@@ -3,7 +3,7 @@
 :mod:`bsprof.cli` parses the command line and maps subcommands here; bad input raises
 :class:`~bsprof.errors.BadInput` (exit code 2) before anything is written.
 
-Size (about 510 lines, above the ~400 guideline): one short function per subcommand and the option-to-settings
+Size (about 490 lines, above the ~400 guideline): one short function per subcommand and the option-to-settings
 helpers they share; splitting it per subcommand group is the next step.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shlex
 import sys
@@ -22,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from bsprof.cli_script import script_command, script_job, with_log_dir
 from bsprof.errors import BadInput
+from bsprof.options import convergence_settings, timing_settings
 
 if TYPE_CHECKING:
-    from bsprof.engine.convergence import ConvergenceSettings
     from bsprof.engine.trial import EngineSettings
     from bsprof.workload import Workload
 
@@ -61,18 +60,14 @@ def _workload_and_settings(args: argparse.Namespace) -> tuple[Workload, EngineSe
         import torch
 
         torch.set_num_threads(threads)
-    timing_kwargs = {}
-    if getattr(args, "min_time", None) is not None:
-        from bsprof.engine.timing import TimingSettings
-
-        timing_kwargs["timing"] = TimingSettings(
-            warmup_steps=args.timing_warmup_steps, min_time_s=args.min_time, min_steps=args.min_steps
-        )
     engine_kwargs: dict[str, Any] = {
         k: getattr(args, k) for k in ("monitor_hz", "peak_tflops", "profile") if getattr(args, k, None) is not None
     }
+    timing = timing_settings(args)
+    if timing is not None:
+        engine_kwargs["timing"] = timing
     engine_kwargs.update(_data_settings(args))
-    return workload, EngineSettings(device=device, amp=args.amp, compile=args.compile, **timing_kwargs, **engine_kwargs)
+    return workload, EngineSettings(device=device, amp=args.amp, compile=args.compile, **engine_kwargs)
 
 
 def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,38 +102,6 @@ def cmd_workloads(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convergence_settings(args: argparse.Namespace, workload: Workload) -> ConvergenceSettings:
-    from bsprof.engine.convergence import ConvergenceSettings
-    from bsprof.engine.noise_scale import GnsSettings
-
-    if args.tune_lr == 1:
-        raise BadInput(f"--tune-lr {args.tune_lr}: give 0 (no tuning) or at least 2 learning rates")
-    if args.target is not None:
-        if not math.isfinite(args.target):
-            raise BadInput(f"--target {args.target}: must be a finite number")
-        accuracy = (0.0, 1.0) if workload.metric_name.endswith("accuracy") else None
-        lo, hi = workload.metric_range or accuracy or (-math.inf, math.inf)
-        if not lo <= args.target <= hi:
-            raise BadInput(
-                f"--target {args.target:g} is outside the range of {workload.name}'s {workload.metric_name} "
-                f"[{lo:g}, {hi:g}]: no trial could reach it"
-            )
-    if args.kind != "throughput" and args.target is None and workload.target is None:
-        raise BadInput(f"workload {workload.name} has no default target: pass --target or use --kind throughput")
-    return ConvergenceSettings(
-        target=args.target,
-        patience=args.target_patience,
-        max_steps=args.max_steps,
-        max_epochs=args.max_epochs,
-        max_time_s=args.max_time,
-        eval_every=args.eval_every,
-        continue_after_target=args.continue_after_target,
-        warmup_steps=args.warmup_steps,
-        warmup_epochs=args.warmup_epochs,
-        gns=GnsSettings() if getattr(args, "measure_gns", False) else None,
-    )
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``bsprof sweep`` (and ``bsprof profile``, whose parser fills in the sweep options it does not take)."""
     from bsprof.console import Progress, print_summary
@@ -163,7 +126,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         skip_larger_after_oom=args.skip_larger,
         remeasure_busy=max(0, getattr(args, "remeasure", 2)),
         auto_micro_batch=args.micro_batch_size == "auto",
-        convergence=_convergence_settings(args, workload),
+        convergence=convergence_settings(args, workload),
     )
     executor, follower_done = None, None
     if command is None:  # a script's command runs its own launcher (torchrun) when it needs one
@@ -232,7 +195,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     sizes = args.batch_sizes  # parsed by the CLI (bsprof.options.parse_batch_sizes)
     at = args.at_batch_size or min(sizes)
     conv = replace(
-        _convergence_settings(args, workload),
+        convergence_settings(args, workload),
         max_steps=args.budget_steps,
         max_time_s=args.budget_time,
         max_epochs=None,
@@ -325,14 +288,12 @@ def _warn_batches_above_training_set(workload: Any, batch_sizes: Sequence[int]) 
 def _load_script(args: argparse.Namespace, command: tuple[str, ...], batch_sizes: tuple[int, ...]) -> tuple[Any, Any]:
     """The script job and the engine settings of ``bsprof sweep --cmd`` (bad input raised before anything runs)."""
     from bsprof.engine.device import resolve_device
-    from bsprof.engine.timing import TimingSettings
     from bsprof.engine.trial import EngineSettings
 
     job = script_job(args, command, batch_sizes)
-    if args.timing_warmup_steps < 0:
-        raise BadInput(f"--timing-warmup-steps must be >= 0, got {args.timing_warmup_steps}")
-    timing = TimingSettings(warmup_steps=args.timing_warmup_steps, min_time_s=args.min_time, min_steps=args.min_steps)
-    return job, EngineSettings(device=resolve_device(args.device), timing=timing, monitor_hz=args.monitor_hz)
+    timing = timing_settings(args)
+    engine_kwargs: dict[str, Any] = {"timing": timing} if timing is not None else {}
+    return job, EngineSettings(device=resolve_device(args.device), monitor_hz=args.monitor_hz, **engine_kwargs)
 
 
 def _script_runners(store: Any, config: Any, job: Any, settings: Any, *, fresh: bool) -> tuple[Any, Any]:

@@ -4,7 +4,11 @@ Each ``parse_*`` function turns one option's text into a value or raises :class:
 with a one-line message (naming the option when given ``option=``; argparse names it itself), so both doors
 accept and reject the same inputs with the same words. :mod:`bsprof.cli` wraps them as argparse types
 (:func:`arg_type`); :mod:`bsprof.pytest_plugin` resolves the suite's ``--bsprof-*`` options through
-:func:`parse_suite_options`. This module imports neither door, nor torch.
+:func:`parse_suite_options`.
+
+The sweep's settings are assembled from the parsed options here too, once for every kind of sweep (a
+workload's, a script's, ``predict``): :func:`timing_settings` and :func:`convergence_settings`. This module
+imports neither door, nor torch (the engine's settings types are imported when those are called).
 """
 
 from __future__ import annotations
@@ -15,21 +19,27 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bsprof.errors import BadInput
+
+if TYPE_CHECKING:
+    from bsprof.engine.convergence import ConvergenceSettings
+    from bsprof.engine.timing import TimingSettings
 
 __all__ = [
     "DEVICE_CHOICES",
     "SUITE_OPTIONS",
     "BsprofOptions",
     "arg_type",
+    "convergence_settings",
     "parse_batch_sizes",
     "parse_device",
     "parse_float",
     "parse_fraction",
     "parse_int",
     "parse_suite_options",
+    "timing_settings",
 ]
 
 T = TypeVar("T")
@@ -251,4 +261,59 @@ def parse_suite_options(get: Callable[[str], str | None], environ: Mapping[str, 
         warmup_rounds=parse_int(raw["warmup-rounds"], option=opt("warmup-rounds"), minimum=0),
         max_time_s=parse_float(raw["max-time"], option=opt("max-time"), positive=True),
         threads=None if threads == "auto" else parse_int(threads, option=opt("threads")),
+    )
+
+
+# --- the sweep's settings from the command line's options -------------------------------------------------
+
+
+def timing_settings(args: argparse.Namespace) -> TimingSettings | None:
+    """Throughput timing from ``--timing-warmup-steps``, ``--min-time`` (seconds) and ``--min-steps``; ``None``
+    for a subcommand without them (the engine's default timing)."""
+    if getattr(args, "min_time", None) is None:
+        return None
+    from bsprof.engine.timing import TimingSettings
+
+    if args.timing_warmup_steps < 0:
+        raise BadInput(f"--timing-warmup-steps must be >= 0, got {args.timing_warmup_steps}")
+    return TimingSettings(warmup_steps=args.timing_warmup_steps, min_time_s=args.min_time, min_steps=args.min_steps)
+
+
+def convergence_settings(args: argparse.Namespace, workload: Any) -> ConvergenceSettings:
+    """Convergence budgets, target and patience from the sweep's options, checked against ``workload`` (a
+    :class:`~bsprof.workload.Workload` or a script's :class:`~bsprof.engine.script_job.ScriptJob`: its
+    ``name``, ``target``, ``metric_name`` and ``metric_range``).
+
+    Raises:
+        BadInput: ``--tune-lr 1``, a target outside the metric's range or not finite, or no target at all for
+            convergence trials.
+    """
+    from bsprof.engine.convergence import ConvergenceSettings
+    from bsprof.engine.noise_scale import GnsSettings
+
+    if args.tune_lr == 1:
+        raise BadInput(f"--tune-lr {args.tune_lr}: give 0 (no tuning) or at least 2 learning rates")
+    if args.target is not None:
+        if not math.isfinite(args.target):
+            raise BadInput(f"--target {args.target}: must be a finite number")
+        accuracy = (0.0, 1.0) if workload.metric_name.endswith("accuracy") else None
+        lo, hi = workload.metric_range or accuracy or (-math.inf, math.inf)
+        if not lo <= args.target <= hi:
+            raise BadInput(
+                f"--target {args.target:g} is outside the range of {workload.name}'s {workload.metric_name} "
+                f"[{lo:g}, {hi:g}]: no trial could reach it"
+            )
+    if args.kind != "throughput" and args.target is None and workload.target is None:
+        raise BadInput(f"workload {workload.name} has no default target: pass --target or use --kind throughput")
+    return ConvergenceSettings(
+        target=args.target,
+        patience=args.target_patience,
+        max_steps=args.max_steps,
+        max_epochs=args.max_epochs,
+        max_time_s=args.max_time,
+        eval_every=args.eval_every,
+        continue_after_target=args.continue_after_target,
+        warmup_steps=args.warmup_steps,
+        warmup_epochs=args.warmup_epochs,
+        gns=GnsSettings() if getattr(args, "measure_gns", False) else None,
     )

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import shlex
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,19 +103,16 @@ def run_script_trial(
     return interpret(job, spec, settings, order, read_events(report), timed_out, started, info, telemetry)
 
 
+_CONVERGENCE_RULES = ("patience", "max_steps", "max_time_s", "continue_after_target", "explode_factor")
+"""The :class:`~bsprof.engine.convergence.ConvergenceSettings` the child's tracker applies, under the same names
+in the :class:`~bsprof.engine.script_protocol.TrialOrder` (its defaults hold without settings)."""
+
+
 def _order(
     job: ScriptJob, spec: TrialSpec, settings: EngineSettings, conv: ConvergenceSettings | None, report: Path
 ) -> TrialOrder:
-    t = settings.timing
-    timing = {
-        "warmup_steps": t.warmup_steps,
-        "warmup_s": t.warmup_s,
-        "min_time_s": t.min_time_s,
-        "min_steps": t.min_steps,
-        "block_min_s": t.block_min_s,
-        "min_blocks": t.min_blocks,
-        "max_time_s": t.max_time_s,
-    }
+    """What the child is asked to do: the trial, the throughput timing and the convergence rules."""
+    rules = {name: getattr(conv, name) for name in _CONVERGENCE_RULES} if conv is not None else {}
     return TrialOrder(
         report=str(report.resolve()),
         workload=job.name,
@@ -124,12 +121,8 @@ def _order(
         seed=spec.seed,
         lr=spec.lr,
         repeat=spec.repeat,
-        timing=timing,
+        timing=asdict(settings.timing),  # the child's tracker rebuilds TimingSettings(**timing)
         target=(conv.target if conv and conv.target is not None else job.target),
-        patience=conv.patience if conv else 1,
         higher_is_better=job.higher_is_better,
-        max_steps=conv.max_steps if conv else None,
-        max_time_s=conv.max_time_s if conv else None,
-        continue_after_target=conv.continue_after_target if conv else False,
-        explode_factor=conv.explode_factor if conv else 10.0,
+        **rules,
     )
