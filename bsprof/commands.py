@@ -339,7 +339,7 @@ def _print_profile_note(outcome: Any, trace_dir: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bsprof.export import curves_frame, trials_frame, write_export
+    from bsprof.export import curves_frame, export_frame, write_export
     from bsprof.files import check_output_path
     from bsprof.store import Store
 
@@ -349,7 +349,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.run:
             for r in args.run:
                 store.run(r)  # raises BadInput for an unknown run
-        frame = (curves_frame if getattr(args, "curves", False) else trials_frame)(store, args.run)
+        frame = (curves_frame if getattr(args, "curves", False) else export_frame)(store, args.run)
     text = write_export(frame, args.format, args.output)
     if text is not None:
         sys.stdout.write(text)

@@ -18,7 +18,17 @@ if TYPE_CHECKING:
 
     from bsprof.store import Store
 
-__all__ = ["COLUMNS", "CURVE_KEYS", "EXTRA_COLUMNS", "FORMATS", "curves_frame", "trials_frame", "write_export"]
+__all__ = [
+    "COLUMNS",
+    "CURVE_KEYS",
+    "EXTRA_COLUMNS",
+    "FORMATS",
+    "STABILITY_COLUMNS",
+    "curves_frame",
+    "export_frame",
+    "trials_frame",
+    "write_export",
+]
 
 COLUMNS = (
     "run_id", "workload", "kind", "batch_size", "seed", "lr", "status", "device",
@@ -35,6 +45,11 @@ EXTRA_COLUMNS = (
 """Further columns bsprof adds after the contract's; later features append their own after these."""
 
 FORMATS = ("csv", "json", "parquet")
+
+STABILITY_COLUMNS = ("stability", "stability_why")
+"""The last columns of ``bsprof export``: on throughput rows, their batch size's stability verdict in its run
+(:func:`bsprof.stability.stability_table`: ``stable``, ``single``, ``unstable`` or ``busy``) and why (empty when
+stable); empty on convergence rows and on trials that did not measure."""
 
 
 def trials_frame(store: Store | str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
@@ -74,6 +89,21 @@ def trials_frame(store: Store | str | Path, run_ids: Iterable[str] | None = None
         frame[col] = frame[col].astype("Int64")
     frame["reached_target"] = frame["reached_target"].astype("boolean")
     return frame
+
+
+def export_frame(store: Store | str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """What ``bsprof export`` writes: :func:`trials_frame` with :data:`STABILITY_COLUMNS` last, the verdicts
+    computed once by :func:`bsprof.stability.stability_by_run` and only joined here."""
+    from bsprof.stability import stability_by_run
+
+    frame = trials_frame(store, run_ids)
+    keys = ["run_id", "workload", "device", "batch_size"]
+    verdicts = stability_by_run(frame)[[*keys, "verdict", "why"]]
+    verdicts = verdicts.rename(columns={"verdict": "stability", "why": "stability_why"}).assign(kind="throughput")
+    verdicts["batch_size"] = verdicts["batch_size"].astype(frame["batch_size"].dtype)
+    out = frame.merge(verdicts, on=[*keys, "kind"], how="left", validate="many_to_one")
+    out.loc[out["status"] != "ok", list(STABILITY_COLUMNS)] = None
+    return out
 
 
 CURVE_KEYS = ("run_id", "trial_id", "workload", "batch_size", "seed", "lr", "phase")

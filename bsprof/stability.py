@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["BLOCK_REL_IQR_MAX", "DRIFT_REL_MAX", "SPREAD_REL_MAX", "VERDICTS", "stability_table", "verdict"]
+__all__ = [
+    "BLOCK_REL_IQR_MAX",
+    "DRIFT_REL_MAX",
+    "SPREAD_REL_MAX",
+    "VERDICTS",
+    "stability_by_run",
+    "stability_table",
+    "verdict",
+]
 
 SPREAD_REL_MAX = 0.10
 """Standard deviation of a batch size's samples/s over its trials, relative to their mean (pyperf: 10%)."""
@@ -92,6 +100,17 @@ def stability_table(trials: pd.DataFrame) -> pd.DataFrame:
             dict(zip(_COLUMNS, [w, d, int(b), len(sps), len(busy_reasons), int(rem), spread, drift, blocks, v, why]))
         )
     return pd.DataFrame(rows, columns=_COLUMNS)
+
+
+def stability_by_run(trials: pd.DataFrame) -> pd.DataFrame:
+    """:func:`stability_table` of each run of an export frame holding several (``run_id`` first): a batch size's
+    verdict is about one run's trials, never pooled across runs."""
+    import pandas as pd
+
+    if trials.empty or "run_id" not in trials:
+        return pd.DataFrame(columns=["run_id", *_COLUMNS])
+    parts = [stability_table(g).assign(run_id=run) for run, g in trials.groupby("run_id", sort=False)]
+    return pd.concat(parts, ignore_index=True)[["run_id", *_COLUMNS]]
 
 
 def _truthy(v: Any) -> bool:

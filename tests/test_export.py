@@ -136,3 +136,22 @@ def test_export_of_empty_store_has_header(tmp_path: Path, cli: Callable[..., Cli
     assert result.code == 0
     assert result.out.splitlines()[0].split(",")[: len(DESIGN_COLUMNS)] == DESIGN_COLUMNS
     assert len(result.out.splitlines()) == 1
+
+
+def test_export_ends_with_the_stability_verdict_per_batch_size(store: Path, cli: Callable[..., CliResult]) -> None:
+    """Per run and batch size, as :func:`bsprof.stability.stability_table` computes it; empty on failed trials."""
+    from bsprof.export import STABILITY_COLUMNS
+    from bsprof.stability import VERDICTS, stability_table
+
+    rows = list(csv.DictReader(io.StringIO(cli("export", "--store", store).out)))
+    assert list(rows[0])[-2:] == list(STABILITY_COLUMNS)
+    frame = trials_frame(store)
+    for row in rows:
+        if row["status"] != "ok":
+            assert row["stability"] == "" and row["stability_why"] == ""
+            continue
+        assert row["stability"] in VERDICTS
+        run = frame[frame["run_id"] == row["run_id"]]
+        table = stability_table(run)
+        (expected,) = table.loc[table["batch_size"] == int(row["batch_size"]), "verdict"]
+        assert row["stability"] == expected

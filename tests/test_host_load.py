@@ -276,3 +276,38 @@ def test_the_report_banner_names_busy_and_unstable_batch_sizes() -> None:
     (line,) = stability_warnings(table)
     assert line.startswith("run-a: B=8 BUSY") and "bsprof check" in line
     assert stability_warnings(stability_table(_trials(set())).assign(run="run-a")) == []
+
+
+# --- convergence trials record host load the throughput trial's way ---------------------------------------
+
+
+def test_convergence_and_throughput_trials_record_host_load_alike() -> None:
+    """Both trial kinds run in one telemetry window (``trial_window``) and record the same host-load fields."""
+    from bsprof.engine.convergence import ConvergenceSettings, run_convergence_trial
+    from bsprof.engine.timing import TimingSettings
+    from bsprof.engine.trial import run_throughput_trial
+    from bsprof.workloads.digits import DigitsMLP
+
+    w = DigitsMLP()
+    settings = EngineSettings(torch.device("cpu"), timing=TimingSettings(min_time_s=0.05))
+    conv = run_convergence_trial(
+        w, TrialSpec(w.name, "convergence", 64, 0, 0.1), settings, ConvergenceSettings(max_steps=30)
+    )
+    tp = run_throughput_trial(w, TrialSpec(w.name, "throughput", 64, 0, 0.1), settings)
+    host_keys = set(HostLoad(cpu_count=2, threads=1, wall_s=1.0).metrics())
+    for r in (conv, tp):
+        load = r.extra.host_load
+        assert load is not None and load.wall_s > 0 and load.cpu_count >= 1, r.spec.kind
+        assert host_keys <= set(r.metrics) and r.metrics["host_busy"] == load.busy
+        assert r.extra.to_json()["host_load"] == load.to_json()  # stored with the trial
+
+
+def test_the_export_shows_a_busy_batch_size_busy(tmp_path: Path, cli: Any) -> None:
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(cli("export", "--store", _store(tmp_path / "b.db", True)).out)))
+    assert {r["stability"] for r in rows} == {"busy"}
+    assert "1/3 trial(s) measured on a busy host" in rows[0]["stability_why"]
+    rows = list(csv.DictReader(io.StringIO(cli("export", "--store", _store(tmp_path / "q.db", False)).out)))
+    assert {r["stability"] for r in rows} == {"stable"} and {r["stability_why"] for r in rows} == {""}

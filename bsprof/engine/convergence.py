@@ -16,12 +16,15 @@ Divergence: the training loss is checked at every evaluation and at least every 
 a non-finite loss, or one above ``explode_factor`` times the first step's loss, ends the trial as
 ``diverged`` within a few steps.
 
+Host load: the trial runs in the throughput trial's telemetry window (:func:`~bsprof.engine.trial.trial_window`)
+and records what else the host did (``host_busy``, ``host_*`` metrics and ``extra.host_load``) the same way.
+
 At every evaluation the learning curve also records the L2 distance of the weights from their
 initialisation and the norm of the gradient of the training loss on a fixed probe batch (model in eval
 mode, no optimizer step), quantities that differ sharply with batch size (Keskar et al. 2016;
 Hoffer et al. 2017).
 
-Size (about 420 lines, above the ~400 guideline): the convergence loop with its evaluation schedule, divergence
+Size (about 440 lines, above the ~400 guideline): the convergence loop with its evaluation schedule, divergence
 checks and noise-scale probes; the target and bracket rule is :class:`~bsprof.engine.target.TargetWatch`, the
 one that script trials use.
 """
@@ -32,7 +35,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,7 +46,16 @@ from bsprof.engine.device import synchronizer
 from bsprof.engine.noise_scale import GnsSettings, NoiseScaleTracker
 from bsprof.engine.step import TrainingStep, flush_denormal
 from bsprof.engine.target import TargetWatch
-from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec, begin_trial, ended, run_guarded
+from bsprof.engine.trial import (
+    EngineSettings,
+    TrialResult,
+    TrialSpec,
+    begin_trial,
+    ended,
+    host_load_fields,
+    run_guarded,
+    trial_window,
+)
 
 if TYPE_CHECKING:
     from bsprof.workload import Workload
@@ -245,11 +257,19 @@ def _train(
     started: float,
 ) -> TrialResult:
     begin_trial(settings)
-    step = TrainingStep.for_trial(workload, spec, settings)
-    try:
-        return _train_steps(workload, spec, settings, conv, target, started, step)
-    finally:
-        step.close()
+    with trial_window(settings) as (window, _, _):  # the throughput trial's window: host load recorded alike
+        step = TrainingStep.for_trial(workload, spec, settings)
+        try:
+            result = _train_steps(workload, spec, settings, conv, target, started, step)
+        finally:
+            step.close()
+    load, metrics, reasons = host_load_fields(window.telemetry, settings.device)
+    return replace(
+        result,
+        metrics={**result.metrics, **metrics},
+        reasons={**result.reasons, **reasons},
+        extra=replace(result.extra, host_load=load),
+    )
 
 
 def _train_steps(

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -38,7 +38,7 @@ import torch
 from bsprof.engine.data import data_wait_metrics
 from bsprof.engine.device import device_name, synchronizer
 from bsprof.engine.host_load import HostLoad, assess_host_load
-from bsprof.engine.monitors import Monitor
+from bsprof.engine.monitors import Monitor, Window
 from bsprof.engine.oom import free_memory, is_oom, reset_peak_memory
 from bsprof.engine.result import ProfileInfo, TrialExtra, TrialResult, TrialSpec
 from bsprof.engine.samplers import GpuSampler, NullGpu
@@ -57,11 +57,13 @@ __all__ = [
     "TrialSpec",
     "begin_trial",
     "ended",
+    "host_load_fields",
     "memory_metrics",
     "run_guarded",
     "run_throughput_trial",
     "throughput_metrics",
     "trial_host_load",
+    "trial_window",
 ]
 
 log = logging.getLogger(__name__)
@@ -312,6 +314,30 @@ def throughput_metrics(
     return metrics, reasons
 
 
+@contextlib.contextmanager
+def trial_window(settings: EngineSettings) -> Iterator[tuple[Window, Monitor, GpuSampler]]:
+    """The telemetry window of one trial (throughput or convergence): the device's GPU sampler and a
+    :class:`~bsprof.engine.monitors.Monitor` on the settings' shared sampler process, polled while the ``with``
+    body runs. The sampler closes after the window's last poll; the monitor's own sampler process (if it has
+    one) after the window."""
+    gpu = (settings.gpu_sampler_factory or default_gpu_sampler)(settings.device)
+    monitor = Monitor(gpu, hz=settings.monitor_hz, process=settings.sampler_process)
+    closing = contextlib.closing(gpu) if hasattr(gpu, "close") else contextlib.nullcontext()
+    with closing, contextlib.closing(monitor), monitor.window() as window:
+        yield window, monitor, gpu
+
+
+def host_load_fields(
+    telemetry: Telemetry, device: torch.device
+) -> tuple[HostLoad | None, dict[str, Any], dict[str, str]]:
+    """A trial's host load (:func:`trial_host_load`) with its export metrics (``host_busy``, ``host_*``), or
+    ``None`` and the reason ``host_busy`` is empty."""
+    load = trial_host_load(telemetry, device)
+    if load is None:
+        return None, {}, {"host_busy": "the host's CPU counters (/proc/stat) could not be read"}
+    return load, load.metrics(), {}
+
+
 def trial_host_load(telemetry: Telemetry, device: torch.device) -> HostLoad | None:
     """What else the host did during a trial's window (:func:`~bsprof.engine.host_load.assess_host_load`): on
     the CPU the trial needs torch's intra-op threads, on a GPU one thread and its GPU to itself."""
@@ -405,13 +431,8 @@ def _throughput(
 ) -> TrialResult:
     device = settings.device
     baseline = begin_trial(settings)
-    gpu = (settings.gpu_sampler_factory or default_gpu_sampler)(device)
-    monitor = Monitor(gpu, hz=settings.monitor_hz, process=settings.sampler_process)
-    closing = contextlib.closing(gpu) if hasattr(gpu, "close") else contextlib.nullcontext()
-    # The sampler closes after the window's last poll; the monitor's own sampler process (if it has one)
-    # after the window. The window opens before the model is built: a sampler process starting here is
-    # not part of the timed steps.
-    with closing, contextlib.closing(monitor), monitor.window() as window, flush_denormal(settings.flush_denormal):
+    # The window opens before the model is built: a sampler process starting here is not part of the timed steps.
+    with trial_window(settings) as (window, monitor, gpu), flush_denormal(settings.flush_denormal):
         step = TrainingStep.for_trial(workload, spec, settings)
         initial = step.snapshot()
         try:
@@ -433,11 +454,9 @@ def _throughput(
         )
         metrics.update(waits)
         reasons.update(wait_reasons)
-        load = trial_host_load(telemetry, device)
-        if load is not None:
-            metrics.update(load.metrics())
-        else:
-            reasons["host_busy"] = "the host's CPU counters (/proc/stat) could not be read"
+        load, load_metrics, load_reasons = host_load_fields(telemetry, device)
+        metrics.update(load_metrics)
+        reasons.update(load_reasons)
         flops, flops_reasons = _flops_metrics(workload, spec, settings, step, times)
         metrics.update(flops)
         reasons.update(flops_reasons)
