@@ -22,7 +22,6 @@ _NOT_FOR_SCRIPTS = (
     ("profile", False, "--profile"),
     ("measure_gns", False, "--measure-gns"),
     ("nproc_per_node", None, "--nproc-per-node"),
-    ("executor", "local", "--executor"),
 )
 
 

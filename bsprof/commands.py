@@ -128,9 +128,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         auto_micro_batch=args.micro_batch_size == "auto",
         convergence=convergence_settings(args, workload),
     )
-    executor, follower_done = None, None
-    if command is None:  # a script's command runs its own launcher (torchrun) when it needs one
-        executor, settings, follower_done = _executor(args, config, workload, settings)
+    executor, settings, follower_done = _executor(args, config, settings, workload, script=command is not None)
     if follower_done is not None:  # a data-parallel rank other than 0 (or the launcher): no store, no output
         return follower_done
     if command is None:
@@ -228,18 +226,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _executor(args: argparse.Namespace, config: Any, workload: Any, settings: Any) -> tuple[Any, Any, int | None]:
+def _executor(
+    args: argparse.Namespace, config: Any, settings: Any, workload: Any, *, script: bool
+) -> tuple[Any, Any, int | None]:
     """(executor or ``None`` for the local default, settings, exit code when this process is done already).
 
-    ``--nproc-per-node N`` relaunches this command in N processes and returns their exit code. Under
-    ``torchrun`` (``WORLD_SIZE`` and ``RANK`` set), rank 0 drives the sweep and the other ranks follow it.
-    Nothing is imported for the local default.
+    ``--nproc-per-node N`` relaunches this command in N processes and returns their exit code; with ``--executor
+    ray`` each trial's N ranks run in one Ray task instead. Under ``torchrun`` (``WORLD_SIZE`` and ``RANK`` set),
+    rank 0 drives the sweep and the other ranks follow it. A script's command (``script``) runs its own launcher
+    (torchrun) when it needs one; through Ray the job itself goes to the workers. Nothing is imported for the
+    local default.
     """
     under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
-    if args.nproc_per_node is not None or under_torchrun:
+    if under_torchrun and args.executor != "local":
+        raise BadInput("--executor ray does not run under torchrun: use --nproc-per-node N --executor ray")
+    if not script and (args.nproc_per_node is not None or under_torchrun):
         world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.nproc_per_node
-        if args.executor != "local":
-            raise BadInput("--executor ray does not combine with data-parallel trials (--nproc-per-node, torchrun)")
         if settings.profile:
             raise BadInput("--profile is not supported with data-parallel trials")
         uneven = [b for b in config.batch_sizes if b % world_size]
@@ -248,6 +250,9 @@ def _executor(args: argparse.Namespace, config: Any, workload: Any, settings: An
         from bsprof.engine import distributed
         from bsprof.engine.sweep import trial_runners
 
+        if args.executor == "ray":  # the driver is no rank: the job's shape names the run, each task forms a job
+            settings = replace(settings, data_parallel=distributed.DataParallel(0, world_size, 0))
+            return _ray_executor(args, settings, args.workload, nproc_per_node=world_size), settings, None
         if not under_torchrun:
             return None, settings, distributed.launch(args.nproc_per_node, args.argv)
         world = distributed.context_from_env()
@@ -258,12 +263,17 @@ def _executor(args: argparse.Namespace, config: Any, workload: Any, settings: An
             return None, settings, 0
         return distributed.DataParallelDriver(world), settings, None
     if args.executor == "ray":
-        from bsprof.engine.ray_executor import RayExecutor
-
-        executor = RayExecutor.start(args.workload, address=args.ray_address)
-        print(executor.plan(settings), file=sys.stderr)
-        return executor, settings, None
+        return _ray_executor(args, settings, None if script else args.workload), settings, None
     return None, settings, None
+
+
+def _ray_executor(args: argparse.Namespace, settings: Any, workload_ref: str | None, **kwargs: Any) -> Any:
+    """The Ray executor (local instance, or ``--ray-address``), its packing plan printed."""
+    from bsprof.engine.ray_executor import RayExecutor
+
+    executor = RayExecutor.start(workload_ref, address=args.ray_address, **kwargs)
+    print(executor.plan(settings), file=sys.stderr)
+    return executor
 
 
 def _warn_batches_above_training_set(workload: Any, batch_sizes: Sequence[int]) -> None:

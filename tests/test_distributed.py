@@ -205,13 +205,21 @@ def test_with_noise_scale_estimates_b_simple_from_the_curve_samples() -> None:
     ("extra", "message"),
     [
         (("-b", "63", "--nproc-per-node", "2"), "not multiples of the world size 2"),
-        (("-b", "64", "--nproc-per-node", "2", "--executor", "ray"), "does not combine"),
+        (("-b", "63", "--nproc-per-node", "2", "--executor", "ray"), "not multiples of the world size 2"),
     ],
 )
 def test_bad_data_parallel_input_is_exit_2_before_launching(cli: Any, extra: tuple[str, ...], message: str) -> None:
     result = cli("sweep", "-w", "digits-mlp", "--device", "cpu", "--kind", "throughput", *extra)
     assert result.code == 2
     assert message in result.err
+
+
+def test_executor_ray_under_torchrun_is_one_line_and_exit_2(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = cli("sweep", "-w", "digits-mlp", "--device", "cpu", "-b", "8", "--executor", "ray")
+    assert result.code == 2
+    assert "use --nproc-per-node N --executor ray" in result.err
 
 
 def test_executor_ray_without_ray_is_one_line_and_exit_2(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:

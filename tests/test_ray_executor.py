@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import ref
+from helpers import FAST, FIXTURES, ref
 
 from bsprof.engine.result import TrialResult, TrialSpec
+from bsprof.engine.script import ScriptJob, script_runners
 from bsprof.engine.sweep import LocalExecutor, SweepConfig, run_sweep
+from bsprof.engine.timing import TimingSettings
 from bsprof.engine.trial import EngineSettings
 from bsprof.store import Store
 from bsprof.workload import Workload, load_workload
@@ -118,3 +121,95 @@ def test_resources_one_gpu_each_on_cuda_threads_for_cpu_throughput(local_ray: An
     assert executor.resources(thr, cuda) == {"num_gpus": 1, "num_cpus": 1}
     assert executor.resources(thr, SETTINGS) == {"num_cpus": 2}
     assert executor.resources(conv, SETTINGS) == {"num_cpus": 1}
+
+
+# Script trials (``--cmd``) and data-parallel trials (``--nproc-per-node``) through the same executor.
+
+SCRIPT = FIXTURES / "scripts" / "fault.py"
+QUICK = TimingSettings(warmup_steps=2, warmup_s=0.0, min_time_s=0.02, min_steps=4, block_min_s=0.003, min_blocks=3)
+
+
+def _script_sweep(tmp_path: Path, name: str, executor: Any, faults: str, sizes: tuple[int, ...]) -> dict[tuple, Any]:
+    """A script sweep of ``fault.py`` (throughput, one seed) into ``<name>.db``: its rows by (kind, B, seed)."""
+    cmd = f"{shlex.quote(sys.executable)} {SCRIPT} {{batch_size}} {{seed}} --faults {faults}"
+    job = ScriptJob(
+        name="fault", command=tuple(shlex.split(cmd)), target=0.5, trial_timeout_s=20.0, log_dir=str(tmp_path / name)
+    )
+    config = SweepConfig(workload_ref="fault.py", batch_sizes=sizes, kinds=("throughput",), seeds=1)
+    settings = EngineSettings(device=torch.device("cpu"), timing=QUICK)
+    with Store(tmp_path / f"{name}.db", create=True) as store:
+        run_sweep(config, job, settings, store, runners=script_runners(job), prime=False, executor=executor)
+        return {(r["kind"], r["batch_size"], r["seed"]): r for r in store.trial_rows()}
+
+
+def test_script_sweep_through_ray_stores_what_the_local_executor_stores(local_ray: Any, tmp_path: Path) -> None:
+    """Each script trial's child runs inside a Ray task; crash, hang (timeout) and printed OOM end as locally,
+    and the driver alone stores them."""
+    faults = "8:crash,16:hang,32:oom_print"
+    sizes = (4, 8, 16, 32)
+    local = _script_sweep(tmp_path, "local", LocalExecutor(), faults, sizes)
+    executor = RayExecutor(None, threads=1)
+    remote = _script_sweep(tmp_path, "ray", executor, faults, sizes)
+    statuses = {k: r["status"] for k, r in local.items()}
+    assert statuses == {
+        ("throughput", 4, 0): "ok",
+        ("throughput", 8, 0): "error",
+        ("throughput", 16, 0): "budget_exhausted",
+        ("throughput", 32, 0): "oom",
+    }
+    assert {k: r["status"] for k, r in remote.items()} == statuses
+    crash = remote[("throughput", 8, 0)]
+    assert crash["extra"]["script_exit_code"] == 1
+    assert "exit code 1" in crash["error"] and "boom at step 3" in crash["extra"]["script_log_tail"]
+    assert "timed out after 20 s" in remote[("throughput", 16, 0)]["error"]
+    assert remote[("throughput", 4, 0)]["samples_per_s"] > 0
+    assert Path(remote[("throughput", 4, 0)]["extra"]["script_log"]).is_relative_to(tmp_path / "ray")
+    assert "script trials (the command runs in the task)" in executor.plan(SETTINGS)
+
+
+def test_a_script_trial_whose_worker_dies_is_retried_once(local_ray: Any, tmp_path: Path) -> None:
+    """The first attempt's child kills its parent (the Ray worker) mid-trial; Ray runs the trial again, and
+    the retry's child reports normally."""
+    marker = tmp_path / "worker-killed"
+    script = tmp_path / "kill_parent.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        f"marker = {str(marker)!r}\n"
+        "if not os.path.exists(marker):\n"
+        "    open(marker, 'w').close()\n"
+        "    os.kill(os.getppid(), signal.SIGKILL)\n"
+        "    time.sleep(30)\n"
+        f"os.execv(sys.executable, [sys.executable, {str(SCRIPT)!r}, *sys.argv[1:]])\n"
+    )
+    cmd = f"{shlex.quote(sys.executable)} {script} {{batch_size}} {{seed}}"
+    job = ScriptJob(name="k", command=tuple(shlex.split(cmd)), trial_timeout_s=60.0, log_dir=str(tmp_path / "logs"))
+    config = SweepConfig(workload_ref="k", batch_sizes=(4, 8), kinds=("throughput",), seeds=1)
+    settings = EngineSettings(device=torch.device("cpu"), timing=QUICK)
+    with Store(tmp_path / "s.db", create=True) as store:
+        executor = RayExecutor(None, threads=1)
+        run_sweep(config, job, settings, store, runners=script_runners(job), prime=False, executor=executor)
+        rows = store.trial_rows()
+    assert marker.exists()  # the worker was killed once
+    assert sorted((r["batch_size"], r["status"]) for r in rows) == [(4, "ok"), (8, "ok")]
+
+
+def test_data_parallel_trial_runs_its_ranks_in_one_ray_task(
+    local_ray: Any, cli: Any, fast_timing: None, tmp_path: Path
+) -> None:
+    """``--nproc-per-node 2 --executor ray``: the task launches 2 gloo ranks; the driver stores one trial with
+    world size 2, in a run named by the world size (not the one-process run)."""
+    db = tmp_path / "dp.db"
+    result = cli(
+        "sweep", "-w", "digits-mlp", "-b", "64", "--seeds", "1", "--kind", "throughput", "--device", "cpu",
+        "--nproc-per-node", "2", "--executor", "ray", "--store", db, *FAST,
+    )  # fmt: skip
+    assert result.code == 0, result.err[-2000:]
+    assert "every trial runs 2 data-parallel ranks in one task and takes 2 CPUs" in result.err
+    with Store(db) as store:
+        rows = store.trial_rows()
+        (run,) = store.runs()
+    assert len(rows) == 1
+    (row,) = rows
+    assert (row["status"], row["world_size"], row["per_rank_batch_size"]) == ("ok", 2, 32)
+    assert row["samples_per_s"] > 0
+    assert run.config["engine"]["world_size"] == 2

@@ -2,13 +2,25 @@
 
 Each trial is one Ray task running the same trial runner as the local executor; its result comes back to
 the driver, which alone writes the store, so resume works as locally. Ray schedules, places and restarts;
-bsprof only states each task's resources:
+bsprof only states each task's resources, and that is how trials are packed:
 
-- a trial on CUDA asks for one GPU (Ray gives each task its own device through ``CUDA_VISIBLE_DEVICES``,
-  so two throughput trials never share a GPU) and one CPU;
+- a trial on CUDA asks for one GPU and one CPU, a data-parallel trial of N ranks for N GPUs and N CPUs. Ray
+  gives each task its own devices through ``CUDA_VISIBLE_DEVICES``, so two trials never share a GPU;
 - a CPU throughput trial asks for as many CPUs as torch threads it uses (the driver's ``--threads``, or all
-  of its cores by default), so throughput trials never share cores; a CPU convergence trial asks for one CPU
-  (and runs with one thread).
+  of its cores by default), a CPU convergence trial for one CPU (and runs with one thread), a CPU
+  data-parallel trial for N CPUs (one thread per rank). Ray's CPUs are counts, not pinned cores: the
+  requests keep a node from being oversubscribed, they do not bind a trial to particular cores.
+
+Three kinds of trial run in a task, each through the local executor's runner:
+
+- a built-in or plugin workload: the worker loads it by its reference and primes itself once;
+- a script trial (``--cmd``): the job itself is sent; the worker starts the user's command as a child
+  process (in the driver's working directory) and reads its events file and log on its own node, as the
+  local executor does; only the result travels back. A trial run on another node also sends back its log,
+  which the driver writes at the same path when it has no file there;
+- a data-parallel trial (``nproc_per_node``): the task runs torch's elastic launcher (as ``torchrun
+  --standalone`` does) with N ranks, which run the trial together exactly as under ``torchrun``
+  (:class:`~bsprof.engine.distributed.DataParallelDriver`); rank 0's merged result is the task's.
 
 At most as many trials are in flight as the cluster has slots for them, so that an OOM is known before
 most larger batch sizes are submitted. A task whose worker dies (killed, out of host memory, node lost) is
@@ -22,9 +34,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import pickle
 import time
+import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,12 +52,15 @@ if TYPE_CHECKING:
     from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec
     from bsprof.workload import Workload
 
-__all__ = ["MAX_RETRIES", "RayExecutor"]
+__all__ = ["MAX_LOG_BYTES", "MAX_RETRIES", "RayExecutor"]
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 1
 """Times Ray re-runs a trial whose worker died before the trial is stored as ``error``."""
+
+MAX_LOG_BYTES = 4 << 20
+"""A script trial's log sent back from another node is cut to its last this many bytes."""
 
 
 def _import_ray() -> Any:
@@ -56,23 +75,156 @@ _PRIMED: set[str] = set()
 """Workloads this worker process has primed (its one-time costs paid before its first trial)."""
 
 
-def _trial_task(workload_ref: str, spec: TrialSpec, settings: EngineSettings, runner: Runner, threads: int) -> Any:
-    """Body of one Ray task: load the workload on the worker and run the trial there."""
+@dataclass(frozen=True)
+class _Work:
+    """One task's trial.
+
+    Attributes:
+        workload: The workload's reference, loaded on the worker, or the workload itself (a script job).
+        spec: The trial.
+        settings: The driver's engine settings.
+        runners: The sweep's trial runner per kind.
+        threads: Torch threads of the trial (per rank for a data-parallel trial).
+        nproc: Ranks of a data-parallel trial (``None``: one process).
+        cwd: The driver's working directory (relative paths of commands and workload files resolve there).
+        driver_node: Ray node id of the driver.
+    """
+
+    workload: str | Any
+    spec: TrialSpec
+    settings: EngineSettings
+    runners: dict[str, Runner]
+    threads: int
+    nproc: int | None
+    cwd: str
+    driver_node: str
+
+
+@dataclass(frozen=True)
+class _Done:
+    """What a task sends back: the result, and a script trial's log when the task ran on another node."""
+
+    result: TrialResult
+    log_bytes: bytes | None = None
+
+
+def _trial_task(work: _Work) -> _Done:
+    """Body of one Ray task: run the trial on the worker (see the module docstring)."""
+    import ray
+
+    if os.path.isdir(work.cwd):
+        os.chdir(work.cwd)
+    else:
+        log.warning("the driver's folder %s is not on this node; relative paths resolve in %s", work.cwd, os.getcwd())
+    if work.nproc is not None:
+        result = _launch_ranks(work)
+    elif isinstance(work.workload, str):
+        result = _run_workload(work)
+    else:  # a script job: its runner starts the command; this worker does not touch the device itself
+        result = work.runners[work.spec.kind](work.workload, work.spec, replace(work.settings, sampler_process=None))
+    return _Done(result, _log_to_send(result, ray.get_runtime_context().get_node_id() != work.driver_node))
+
+
+def _run_workload(work: _Work) -> TrialResult:
     from bsprof.workload import load_workload
 
-    torch.set_num_threads(threads)
-    device = settings.device
-    if device.type == "cuda":  # Ray makes the task's one GPU the only visible one
-        device = torch.device("cuda", 0)
+    torch.set_num_threads(work.threads)
+    settings = replace(work.settings, sampler_process=None)
+    if settings.device.type == "cuda":  # Ray makes the task's one GPU the only visible one
+        settings = replace(settings, device=torch.device("cuda", 0))
         torch.cuda.set_device(0)
-    settings = replace(settings, device=device, sampler_process=None)
-    workload = load_workload(workload_ref)
-    if workload_ref not in _PRIMED:  # a fresh worker's one-time costs stay off its first trial
+    workload = load_workload(work.workload)
+    if work.workload not in _PRIMED:  # a fresh worker's one-time costs stay off its first trial
         from bsprof.engine.sweep import prime_process
 
-        prime_process(workload, settings, spec.batch_size)
-        _PRIMED.add(workload_ref)
-    return runner(workload, spec, settings)
+        prime_process(workload, settings, work.spec.batch_size)
+        _PRIMED.add(work.workload)
+    return work.runners[work.spec.kind](workload, work.spec, settings)
+
+
+def _launch_ranks(work: _Work) -> TrialResult:
+    """The data-parallel trial in ``work.nproc`` local ranks through torch's elastic launcher; rank 0's result."""
+    import ray
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from bsprof.engine.trial import ended
+
+    started = time.time()
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=work.nproc or 1,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        start_method="spawn",
+    )
+    try:
+        returned = elastic_launch(config, _rank)(ray.cloudpickle.dumps(work))
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())
+        why = f"rank {rank} failed (exit code {failure.exitcode}): {failure.message or e.name}"
+        return ended(work.spec, "error", work.settings.device, started, error=why.splitlines()[0][:500])
+    return returned[0]
+
+
+def _rank(blob: bytes) -> TrialResult | None:
+    """One rank of a data-parallel trial (run by the elastic launcher): rank 0 drives the trial and returns its
+    merged result, the others follow it (as under ``torchrun``)."""
+    import torch.distributed as dist
+
+    from bsprof.engine import distributed
+    from bsprof.workload import load_workload
+
+    work: _Work = pickle.loads(blob)
+    torch.set_num_threads(work.threads)
+    world = distributed.context_from_env()
+    if world is None:
+        raise RuntimeError("a data-parallel rank started without WORLD_SIZE/RANK in its environment")
+    settings = replace(work.settings, device=world.device(work.settings.device), data_parallel=world)
+    settings = replace(settings, sampler_process=None)
+    world.start(settings.device)
+    try:
+        workload = load_workload(work.workload)
+        if world.rank != 0:
+            distributed.follow(world, workload, settings, work.runners)
+            return None
+        driver = distributed.DataParallelDriver(world)
+        try:
+            return next(iter(driver.run([work.spec], workload, settings, work.runners)))
+        finally:
+            driver.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def _log_to_send(result: TrialResult, remote: bool) -> bytes | None:
+    """The end of a script trial's log when the task ran on another node than the driver, else ``None``."""
+    script = result.extra.script if result.extra is not None else None
+    if not remote or script is None:
+        return None
+    try:
+        with open(script.log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - MAX_LOG_BYTES))
+            return f.read()
+    except OSError as e:
+        log.warning("trial %s: cannot read its log %s to send it back: %s", result.spec, script.log, e)
+        return None
+
+
+def _keep_log(done: _Done) -> None:
+    """Write a log sent back from another node at its path on this one, unless a file is there (a shared
+    filesystem) or the folder cannot be made."""
+    script = done.result.extra.script if done.result.extra is not None else None
+    if done.log_bytes is None or script is None or os.path.exists(script.log):
+        return
+    try:
+        Path(script.log).parent.mkdir(parents=True, exist_ok=True)
+        Path(script.log).write_bytes(done.log_bytes)
+    except OSError as e:
+        log.warning("trial %s: cannot write its log at %s: %s", done.result.spec, script.log, e)
 
 
 class RayExecutor:
@@ -80,47 +232,80 @@ class RayExecutor:
 
     Args:
         workload_ref: How the workload is named (each worker loads it: a built-in name, ``module:factory`` or
-            a file path every node can reach).
+            a file path every node can reach); ``None``: the sweep's workload itself is sent with each trial
+            (a script job, :class:`~bsprof.engine.script.ScriptJob`).
         threads: Torch threads (and CPUs requested) of a CPU throughput trial.
+        nproc_per_node: Ranks of each trial (data-parallel trials, launched inside the task); ``None``: one.
         owns_ray: Shut Ray down on :meth:`close` (it was started here).
     """
 
-    def __init__(self, workload_ref: str, *, threads: int | None = None, owns_ray: bool = False) -> None:
+    def __init__(
+        self,
+        workload_ref: str | None,
+        *,
+        threads: int | None = None,
+        nproc_per_node: int | None = None,
+        owns_ray: bool = False,
+    ) -> None:
         self.ray = _import_ray()
+        if nproc_per_node is not None and workload_ref is None:
+            raise BadInput("data-parallel trials through Ray need a workload reference, not a script job")
         self.workload_ref = workload_ref
         self.threads = threads or torch.get_num_threads()
+        self.nproc = nproc_per_node
         self.owns_ray = owns_ray
 
     @classmethod
-    def start(cls, workload_ref: str, *, address: str | None = None, **init_kwargs: Any) -> RayExecutor:
+    def start(cls, workload_ref: str | None, *, address: str | None = None, **kwargs: Any) -> RayExecutor:
         """Connect to Ray: a new local instance by default, ``address`` to join a cluster (``auto``: the one
-        this node belongs to)."""
+        this node belongs to); ``kwargs`` go to the constructor."""
         ray = _import_ray()
         owns = not ray.is_initialized()
         if owns:
-            ray.init(address=address, log_to_driver=False, **init_kwargs)
-        return cls(workload_ref, owns_ray=owns)
+            ray.init(address=address, log_to_driver=False)
+        return cls(workload_ref, owns_ray=owns, **kwargs)
 
     def resources(self, spec: TrialSpec, settings: EngineSettings) -> dict[str, float]:
         """The Ray resource request of one trial (see the module docstring)."""
+        if self.nproc is not None:
+            return (
+                {"num_gpus": self.nproc, "num_cpus": self.nproc}
+                if settings.device.type == "cuda"
+                else {"num_cpus": self.nproc}
+            )
         if settings.device.type == "cuda":
             return {"num_gpus": 1, "num_cpus": 1}
         return {"num_cpus": self.threads if spec.kind == "throughput" else 1}
 
+    def _threads(self, spec: TrialSpec, settings: EngineSettings) -> int:
+        if self.nproc is not None:
+            return 1
+        return self.threads if spec.kind == "throughput" or settings.device.type == "cuda" else 1
+
     def _slots(self, settings: EngineSettings) -> int:
-        """Trials in flight: one per GPU (CUDA) or per CPU of the cluster; Ray queues those it cannot place yet."""
+        """Trials in flight: one per GPU (CUDA) or per CPU of the cluster, divided by the ranks of a trial; Ray
+        queues those it cannot place yet."""
         total = self.ray.cluster_resources()
-        return max(1, math.floor(total.get("GPU" if settings.device.type == "cuda" else "CPU", 0)))
+        units = total.get("GPU" if settings.device.type == "cuda" else "CPU", 0)
+        return max(1, math.floor(units / (self.nproc or 1)))
 
     def plan(self, settings: EngineSettings) -> str:
         """How trials are packed, in one paragraph for the console."""
         total = self.ray.cluster_resources()
-        if settings.device.type == "cuda":
+        cuda = settings.device.type == "cuda"
+        if self.nproc is not None:
+            unit = f"{self.nproc} GPUs" if cuda else f"{self.nproc} CPUs (one thread per rank)"
+            how = f"every trial runs {self.nproc} data-parallel ranks in one task and takes {unit} of its own"
+        elif cuda:
             how = "every trial takes one GPU of its own (never shared) and one CPU"
         else:
-            how = f"a throughput trial takes {self.threads} CPUs (its torch threads), a convergence trial 1"
+            how = (
+                f"a throughput trial takes {self.threads} CPUs (its torch threads), a convergence trial 1 "
+                "(Ray counts CPUs, it does not pin cores)"
+            )
+        what = "script trials (the command runs in the task)" if self.workload_ref is None else "trials"
         return (
-            f"ray: cluster of {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs; {how}; at most "
+            f"ray: cluster of {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs; {what}: {how}; at most "
             f"{self._slots(settings)} trials in flight; a trial whose worker dies is retried once, then stored as error"
         )
 
@@ -133,6 +318,8 @@ class RayExecutor:
         ray = self.ray
         task = ray.remote(max_retries=MAX_RETRIES)(_trial_task)
         slots = self._slots(settings)
+        shipped = self.workload_ref if self.workload_ref is not None else workload
+        driver_node = ray.get_runtime_context().get_node_id()
         pending: dict[Any, tuple[TrialSpec, float]] = {}
         queue = iter(specs)
         exhausted = False
@@ -142,22 +329,23 @@ class RayExecutor:
                 if spec is None:
                     exhausted = True
                     break
-                threads = self.threads if spec.kind == "throughput" or settings.device.type == "cuda" else 1
-                ref = task.options(**self.resources(spec, settings)).remote(
-                    self.workload_ref, spec, settings, runners[spec.kind], threads
-                )
+                threads = self._threads(spec, settings)
+                work = _Work(shipped, spec, settings, runners, threads, self.nproc, os.getcwd(), driver_node)
+                ref = task.options(**self.resources(spec, settings)).remote(work)
                 pending[ref] = (spec, time.time())
             if not pending:
                 return
             ready, _ = ray.wait(list(pending), num_returns=1)
             spec, started = pending.pop(ready[0])
             try:
-                result = ray.get(ready[0])
+                done = ray.get(ready[0])
             except ray.exceptions.RayError as e:
                 reason = f"ray: {type(e).__name__} after {MAX_RETRIES} retry: {e}".splitlines()[0][:500]
                 log.warning("trial %s lost: %s", spec, reason)
-                result = ended(spec, "error", settings.device, started, error=reason)
-            yield result
+                yield ended(spec, "error", settings.device, started, error=reason)
+                continue
+            _keep_log(done)
+            yield done.result
 
     def close(self) -> None:
         """Shut Ray down if this executor started it."""
