@@ -142,6 +142,7 @@ def _script_sweep(tmp_path: Path, name: str, executor: Any, faults: str, sizes: 
         return {(r["kind"], r["batch_size"], r["seed"]): r for r in store.trial_rows()}
 
 
+@pytest.mark.slow
 def test_script_sweep_through_ray_stores_what_the_local_executor_stores(local_ray: Any, tmp_path: Path) -> None:
     """Each script trial's child runs inside a Ray task; crash, hang (timeout) and printed OOM end as locally,
     and the driver alone stores them."""
@@ -168,17 +169,17 @@ def test_script_sweep_through_ray_stores_what_the_local_executor_stores(local_ra
 
 
 def test_a_script_trial_whose_worker_dies_is_retried_once(local_ray: Any, tmp_path: Path) -> None:
-    """The first attempt's child kills its parent (the Ray worker) mid-trial; Ray runs the trial again, and
-    the retry's child reports normally."""
+    """The first attempt's child kills its parent (the Ray worker) mid-trial and keeps running; Ray runs the
+    trial again, the retry ends the stray child first, and the retry's child reports normally."""
     marker = tmp_path / "worker-killed"
     script = tmp_path / "kill_parent.py"
     script.write_text(
         "import os, signal, sys, time\n"
         f"marker = {str(marker)!r}\n"
         "if not os.path.exists(marker):\n"
-        "    open(marker, 'w').close()\n"
+        "    open(marker, 'w').write(str(os.getpid()))\n"
         "    os.kill(os.getppid(), signal.SIGKILL)\n"
-        "    time.sleep(30)\n"
+        "    time.sleep(120)\n"
         f"os.execv(sys.executable, [sys.executable, {str(SCRIPT)!r}, *sys.argv[1:]])\n"
     )
     cmd = f"{shlex.quote(sys.executable)} {script} {{batch_size}} {{seed}}"
@@ -191,8 +192,18 @@ def test_a_script_trial_whose_worker_dies_is_retried_once(local_ray: Any, tmp_pa
         rows = store.trial_rows()
     assert marker.exists()  # the worker was killed once
     assert sorted((r["batch_size"], r["status"]) for r in rows) == [(4, "ok"), (8, "ok")]
+    assert not _running(int(marker.read_text())), "the retry ended the child the dead worker left running"
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
 def test_data_parallel_trial_runs_its_ranks_in_one_ray_task(
     local_ray: Any, cli: Any, fast_timing: None, tmp_path: Path
 ) -> None:

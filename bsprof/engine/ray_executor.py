@@ -25,7 +25,8 @@ Three kinds of trial run in a task, each through the local executor's runner:
 At most as many trials are in flight as the cluster has slots for them, so that an OOM is known before
 most larger batch sizes are submitted. A task whose worker dies (killed, out of host memory, node lost) is
 retried once by Ray (``max_retries=1``); if it dies again the trial is stored as ``error`` with Ray's
-reason. No other trial is affected.
+reason. No other trial is affected. Before a retry runs, the processes the dead attempt left on that node (a
+script's child, data-parallel ranks) are ended (:data:`TRIAL_ENV`).
 
 ``ray`` is imported only here, and this module only when ``--executor ray`` is asked for.
 """
@@ -36,6 +37,7 @@ import logging
 import math
 import os
 import pickle
+import signal
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
     from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec
     from bsprof.workload import Workload
 
-__all__ = ["MAX_LOG_BYTES", "MAX_RETRIES", "RayExecutor"]
+__all__ = ["MAX_LOG_BYTES", "MAX_RETRIES", "TRIAL_ENV", "RayExecutor"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ MAX_RETRIES = 1
 
 MAX_LOG_BYTES = 4 << 20
 """A script trial's log sent back from another node is cut to its last this many bytes."""
+
+TRIAL_ENV = "BSPROF_RAY_TRIAL"
+"""Set in a task's worker while it runs a trial (to the trial's id), so every process the trial starts inherits
+it: a retry finds and ends what an earlier attempt on its node left running (a dead worker's script child)."""
 
 
 def _import_ray() -> Any:
@@ -88,6 +94,7 @@ class _Work:
         nproc: Ranks of a data-parallel trial (``None``: one process).
         cwd: The driver's working directory (relative paths of commands and workload files resolve there).
         driver_node: Ray node id of the driver.
+        trial_id: The same in every attempt of the trial (:data:`TRIAL_ENV`).
     """
 
     workload: str | Any
@@ -98,6 +105,7 @@ class _Work:
     nproc: int | None
     cwd: str
     driver_node: str
+    trial_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,13 +124,43 @@ def _trial_task(work: _Work) -> _Done:
         os.chdir(work.cwd)
     else:
         log.warning("the driver's folder %s is not on this node; relative paths resolve in %s", work.cwd, os.getcwd())
-    if work.nproc is not None:
-        result = _launch_ranks(work)
-    elif isinstance(work.workload, str):
-        result = _run_workload(work)
-    else:  # a script job: its runner starts the command; this worker does not touch the device itself
-        result = work.runners[work.spec.kind](work.workload, work.spec, replace(work.settings, sampler_process=None))
+    _end_strays(work.trial_id)
+    os.environ[TRIAL_ENV] = work.trial_id
+    try:
+        if work.nproc is not None:
+            result = _launch_ranks(work)
+        elif isinstance(work.workload, str):
+            result = _run_workload(work)
+        else:  # a script job: its runner starts the command; this worker does not touch the device itself
+            settings = replace(work.settings, sampler_process=None)
+            result = work.runners[work.spec.kind](work.workload, work.spec, settings)
+    finally:
+        del os.environ[TRIAL_ENV]
     return _Done(result, _log_to_send(result, ray.get_runtime_context().get_node_id() != work.driver_node))
+
+
+def _end_strays(trial_id: str) -> list[int]:
+    """Kill (SIGKILL) this node's processes left by an earlier attempt of the trial: those whose environment
+    holds ``TRIAL_ENV=trial_id`` (a script's child outlives its killed worker: it runs in its own session).
+    Linux only (``/proc``); elsewhere nothing is done. Returns the pids killed."""
+    if not trial_id or not os.path.isdir("/proc"):
+        return []
+    needle = f"{TRIAL_ENV}={trial_id}".encode()
+    killed = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            os.kill(int(name), signal.SIGKILL)
+        except OSError:  # gone meanwhile, or another user's process: not ours
+            continue
+        killed.append(int(name))
+    if killed:
+        log.warning("trial %s: ended %d process(es) left by its earlier attempt: %s", trial_id, len(killed), killed)
+    return killed
 
 
 def _run_workload(work: _Work) -> TrialResult:
@@ -330,7 +368,9 @@ class RayExecutor:
                     exhausted = True
                     break
                 threads = self._threads(spec, settings)
-                work = _Work(shipped, spec, settings, runners, threads, self.nproc, os.getcwd(), driver_node)
+                work = _Work(
+                    shipped, spec, settings, runners, threads, self.nproc, os.getcwd(), driver_node, uuid.uuid4().hex
+                )
                 ref = task.options(**self.resources(spec, settings)).remote(work)
                 pending[ref] = (spec, time.time())
             if not pending:
