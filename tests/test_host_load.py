@@ -4,6 +4,7 @@ fake host counters, a fake NVML, a sleeping workload whose slow rounds are injec
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from helpers import ref
 
 from bsprof.engine.host_load import HostLoad, assess_host_load, read_host_counters, remeasure_busy
 from bsprof.engine.nvml import open_nvml_gpu
-from bsprof.engine.result import TrialExtra
+from bsprof.engine.result import ProfileInfo, TrialExtra
 from bsprof.engine.sweep import SweepConfig, run_sweep
 from bsprof.engine.timing import StepTimes
 from bsprof.engine.trial import EngineSettings, TrialResult, TrialSpec
@@ -133,6 +134,28 @@ def test_a_sweep_remeasures_busy_throughput_trials(tmp_path: Path) -> None:
         )  # fmt: skip
     assert [c.batch_size for c in calls] == [8, 8, 16]
     assert [r.extra.remeasures for r in out.results] == [1, 0]
+
+
+def test_a_profiled_trial_measured_again_is_profiled_once_and_keeps_its_profile(tmp_path: Path) -> None:
+    """Re-measures time the step again; they must not run the profiler pass again (one trace per trial)."""
+    profiled: list[bool] = []
+
+    def runner(workload: Any, spec: TrialSpec, settings: EngineSettings) -> TrialResult:
+        profiled.append(settings.profile)
+        r = _result(1000.0 + len(profiled), busy=len(profiled) < 3)
+        info = ProfileInfo(trace_dir=str(tmp_path / "t"), trace_files=("a.json",)) if settings.profile else None
+        return TrialResult(spec, "ok", "cpu", metrics=r.metrics, extra=replace(r.extra, profile=info))
+
+    config = SweepConfig("tiny", (8,), kinds=("throughput",), seeds=1, repeats=1, remeasure_busy=2)
+    with Store(tmp_path / "s.db", create=True) as store:
+        out = run_sweep(
+            config, load_workload(ref("tiny.py")), EngineSettings(torch.device("cpu"), profile=True), store,
+            runners={"throughput": runner}, prime=False,
+        )  # fmt: skip
+    assert profiled == [True, False, False]
+    (kept,) = out.results
+    assert kept.extra.remeasures == 2 and kept.extra.profile is not None
+    assert kept.extra.profile.trace_files == ("a.json",)
 
 
 # --- stability verdicts --------------------------------------------------------------------------------------

@@ -237,7 +237,9 @@ def remeasure_busy(run: Callable[[], TrialResult], attempts: int) -> TrialResult
     if len(tries) == 1:
         return kept
     n = len(tries) - 1
-    return replace(kept, metrics={**kept.metrics, "remeasures": n}, extra=replace(kept.extra, remeasures=n))
+    profile = kept.extra.profile or tries[0].extra.profile  # only the first measurement ran the profiler pass
+    extra = replace(kept.extra, remeasures=n, profile=profile)
+    return replace(kept, metrics={**kept.metrics, "remeasures": n}, extra=extra)
 
 
 def _is_busy(result: TrialResult) -> bool:

@@ -230,7 +230,12 @@ def trial_runners(config: SweepConfig) -> dict[str, Runner]:
 def _remeasuring(run: Runner, attempts: int) -> Runner:
     """``run``, measured again up to ``attempts`` times while its host was busy
     (:func:`~bsprof.engine.host_load.remeasure_busy`)."""
-    return lambda w, s, e: remeasure_busy(lambda: run(w, s, e), attempts)
+
+    def measure(workload: Workload, spec: TrialSpec, settings: EngineSettings) -> TrialResult:
+        calls = iter([settings])  # the profiler pass runs with the first measurement only: one trace per trial
+        return remeasure_busy(lambda: run(workload, spec, next(calls, replace(settings, profile=False))), attempts)
+
+    return measure
 
 
 def run_sweep(
