@@ -433,10 +433,12 @@ def test_lower_is_better_learning_curves_use_a_log_axis_so_a_small_target_shows(
         {"run": "r", "trial_id": 1, "batch_size": 8, "seed": 0, "step": [1, 2, 4, 8],
          "samples": [8, 16, 32, 64], "train_s": [0.1, 0.2, 0.4, 0.8], "val_metric": [16.0, 2.0, 0.2, 0.04]}
     )  # fmt: skip
-    lower = json.dumps(learning_curves_chart(curves, {"r": 0.05}, "mse", lower_is_better=True).to_dict())
-    higher = json.dumps(learning_curves_chart(curves, {"r": 0.05}, "mse").to_dict())
-    assert '"type": "log"}, "title": "mse (log scale)"' in lower
-    assert "mse (log scale)" not in higher
+    lower = learning_curves_chart(curves, {"r": 0.05}, "mse", lower_is_better=True).to_dict()
+    higher = learning_curves_chart(curves, {"r": 0.05}, "mse").to_dict()
+    y = lower["hconcat"][0]["layer"][0]["encoding"]["y"]
+    assert y["scale"]["type"] == "log" and y["axis"]["title"] == "mse (log scale)"
+    assert min(y["axis"]["values"]) <= 0.05  # the target is on the axis's ticked range
+    assert "mse (log scale)" not in json.dumps(higher)
 
 
 def test_report_wall_clock_chart_picks_its_unit_from_the_data() -> None:

@@ -7,6 +7,7 @@ test is ``test_report_browser.py``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -367,3 +368,92 @@ def test_a_drifting_throughput_trial_is_said_in_the_report(tmp_path):
             st.add_trial(run.run_id, TrialResult(TrialSpec("w", "throughput", b, 0, 0.1), "ok", "cpu", "cpu", metrics))
     text = " ".join(throughput_section(report_data(path), "").sentences)
     assert "drifted within 1 trial(s) at B=16" in text and "+45%" in text
+
+
+def _log_encodings(node: object, found: list[tuple[str, dict]] | None = None) -> list[tuple[str, dict]]:
+    """Every x/y encoding of a Vega-Lite spec whose scale is logarithmic, as (channel, encoding)."""
+    found = [] if found is None else found
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("x", "y") and isinstance(value, dict) and (value.get("scale") or {}).get("type") == "log":
+                found.append((key, value))
+            _log_encodings(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _log_encodings(value, found)
+    return found
+
+
+def _assert_log_axes_are_uncramped(spec: dict, name: str) -> int:
+    encs = _log_encodings(spec)
+    for channel, enc in encs:
+        axis = enc.get("axis") or {}
+        assert axis.get("labelOverlap") == "greedy", (name, channel, enc)
+        ticks = axis.get("values")
+        assert ticks and ticks == sorted(ticks), (name, channel, enc)
+        if (enc["scale"].get("base") or 10) == 2:
+            continue  # batch sizes: the data's own (tested below)
+        mantissas = {round(t / 10 ** math.floor(math.log10(t) + 1e-9), 6) for t in ticks}
+        assert mantissas <= {1, 2, 3, 5}, (name, channel, ticks)
+        assert len(ticks) <= 4 * 5, (name, channel, ticks)
+    return len(encs)
+
+
+def test_every_log_axis_has_explicit_sparse_ticks_and_drops_overlapping_labels(full):
+    html, _ = full
+    with_log = set()
+    for chart_id, spec in specs(html).items():
+        if _assert_log_axes_are_uncramped(spec, chart_id):
+            with_log.add(chart_id)
+    # Every chart with a log batch-size or value axis: all but the LR heatmap, the operator bars and the benchmarks
+    # (log only when their times spread over more than 50x, not in this store).
+    assert with_log == ALL_CHARTS - {"chart-lr-lr", "chart-ops-ops", "chart-benchmarks-benchmarks"}, with_log
+    curves = specs(html)["chart-curves-curves"]
+    x_ticks = [enc["axis"]["values"] for ch, enc in _log_encodings(curves) if ch == "x"]
+    assert x_ticks and all(sum(1 for _ in t) <= 7 for t in x_ticks), x_ticks  # a third of the page wide
+
+
+def test_noise_charts_use_the_shared_log_axis() -> None:
+    import pandas as pd
+
+    from bsprof.report.noise_charts import noise_scale_chart, predicted_steps_chart
+
+    curves = pd.DataFrame(
+        {"run": "r", "trial_id": [1, 1, 2, 2], "batch_size": [8, 8, 64, 64], "seed": 0, "epochs": [0.1, 3, 0.2, 40],
+         "b_simple": [5.0, 300.0, 8.0, 900.0], "b_simple_low": 1.0, "b_simple_high": 2000.0, "step": [1, 9, 1, 9]}
+    )  # fmt: skip
+    critical = pd.DataFrame({"run": ["r"], "predicted": [250.0], "measured": [300.0]})
+    steps = pd.DataFrame(
+        {"run": "r", "batch_size": [8, 64, 512], "predicted_steps": [400.0, 60.0, 20.0], "predicted_low": 10.0,
+         "predicted_high": 500.0, "measured_steps": [380.0, 70.0, 25.0], "relative": False}
+    )  # fmt: skip
+    for name, chart in (("noise", noise_scale_chart(curves, critical)), ("steps", predicted_steps_chart(steps))):
+        assert _assert_log_axes_are_uncramped(chart.to_dict(), name) >= 2
+
+
+@pytest.mark.parametrize(
+    ("values", "max_ticks", "nice", "expected"),
+    [
+        ([1, 330], 7, True, [1, 3, 10, 30, 100, 300, 1000]),  # steps of a learning curve: axis 1..1000
+        ([1, 330], 6, True, [1, 10, 100, 1000]),
+        ([0.2, 0.95], 7, True, [0.1, 0.2, 0.3, 0.5, 1]),  # step time in ms: one decade, 1-2-3-5
+        ([39_564, 3_000_000], 7, True, [1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7]),  # throughput and the ideal line
+        ([1e-3, 1e6], 4, True, [1e-3, 1, 1e3, 1e6]),  # ten decades: every third
+        ([2_600, 12_000], 3, False, [1e3, 2e3, 3e3, 5e3, 1e4, 2e4, 3e4, 5e4, 1e5]),  # axis 2.6k..12k: 3k, 5k, 10k
+        ([0, -1, float("nan")], 7, True, []),  # nothing positive: Vega's default ticks
+    ],
+)
+def test_log_ticks_are_the_densest_round_set_that_fits(values, max_ticks, nice, expected) -> None:
+    from bsprof.report._chart_base import _log_ticks
+
+    ticks = _log_ticks(values, max_ticks=max_ticks, nice=nice)
+    assert ticks == pytest.approx(expected)
+
+
+def test_batch_ticks_are_the_batch_sizes_or_powers_of_two() -> None:
+    from bsprof.report._chart_base import _batch_ticks
+
+    assert _batch_ticks([8, 16, 32, 1024]) == [8, 16, 32, 1024]
+    many = [2**k for k in range(1, 21)]  # 2..1M: 20 sizes
+    assert _batch_ticks(many) == [2**k for k in range(1, 21, 2)]
+    assert _batch_ticks([]) == []

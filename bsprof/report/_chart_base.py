@@ -59,12 +59,81 @@ def _domain(bs: list[int], pad: float = 1.3) -> list[float]:
     return [lo / pad, hi * pad]
 
 
-def _x_batch(bs: list[int], *, title: str = B_TITLE, domain: list[float] | None = None, field: str = "batch_size"):
+_TICK_STEPS = ((1, 2, 3, 5), (1, 2, 5), (1, 3), (1,))
+"""Multipliers of each power of 10 a log axis may tick at, densest first."""
+
+
+def _log_ticks(values: Iterable[float], *, max_ticks: int = 7, nice: bool = True) -> list[float]:
+    """Tick values for a base-10 log axis over ``values``: the densest of 1-2-3-5, 1-2-5, 1-3 or 1 per decade
+    (then every 2nd, 3rd... decade) that puts at most ``max_ticks`` ticks on the axis.
+
+    The axis spans whole decades around the values when its scale is ``nice`` (Vega's log default), else just
+    the values' range; the ticks run over the whole decades either way (Vega drops those outside the domain).
+    Empty when no value is > 0.
+    """
+    v = [float(x) for x in values if x is not None and math.isfinite(x) and x > 0]
+    if not v:
+        return []
+    e0, e1 = math.floor(math.log10(min(v))), math.ceil(math.log10(max(v)))
+    e1 = max(e1, e0 + 1)
+    lo, hi = (10.0**e0, 10.0**e1) if nice else (min(v), max(v))
+    for mults in _TICK_STEPS:
+        ticks = [t for t in (float(f"{m}e{e}") for e in range(e0, e1 + 1) for m in mults) if t <= 10.0**e1]
+        if sum(lo <= t <= hi for t in ticks) <= max_ticks:
+            return ticks
+    stride = math.ceil((e1 - e0 + 1) / max_ticks)
+    return [float(f"1e{e}") for e in range(e0, e1 + 1, stride)]
+
+
+def _batch_ticks(bs: list[int], *, max_ticks: int = 12) -> list[int]:
+    """The batch sizes themselves when few, else powers of 2 over their range (every 2nd, 3rd... when many)."""
+    if 0 < len(bs) <= max_ticks:
+        return bs
+    if not bs:
+        return []
+    e0, e1 = math.floor(math.log2(bs[0])), math.ceil(math.log2(bs[-1]))
+    stride = math.ceil((e1 - e0 + 1) / max_ticks)
+    return [2**e for e in range(e0, e1 + 1, stride)]
+
+
+def _log_axis(ticks: list[float] | list[int], *, title: str | None = None, fmt: str = "~g") -> Any:
+    """The axis of every log scale in the report: explicit ``ticks`` (:func:`_log_ticks`, :func:`_batch_ticks`),
+    a compact number format, and labels that would touch dropped (``labelOverlap``) rather than crowded."""
     alt = _alt()
-    axis = alt.Axis(format="d", labelOverlap=True, title=title)
-    if 0 < len(bs) <= 16:
-        axis = alt.Axis(format="d", values=bs, labelOverlap=True, title=title)
-    return alt.X(f"{field}:Q", scale=alt.Scale(type="log", base=2, domain=domain or _domain(bs)), axis=axis)
+    return alt.Axis(
+        format=fmt,
+        values=list(ticks) if ticks else alt.Undefined,
+        labelOverlap="greedy",
+        labelSeparation=4,
+        title=alt.Undefined if title is None else title,
+    )
+
+
+def _log_enc(
+    channel: str,
+    field: str,
+    values: Iterable[float],
+    *,
+    title: str | None = None,
+    fmt: str = "~g",
+    max_ticks: int = 7,
+    nice: bool = True,
+    padding: float | None = None,
+) -> Any:
+    """A base-10 log-scale ``"x"`` or ``"y"`` encoding of the quantitative ``field``, its axis by :func:`_log_axis`
+    with ticks over ``values`` (every value the layer draws on this axis: lines, bands, reference lines)."""
+    alt = _alt()
+    scale = alt.Scale(type="log", nice=nice, padding=alt.Undefined if padding is None else padding)
+    axis = _log_axis(_log_ticks(values, max_ticks=max_ticks, nice=nice), title=title, fmt=fmt)
+    return (alt.X if channel == "x" else alt.Y)(f"{field}:Q", scale=scale, axis=axis)
+
+
+def _x_batch(bs: list[int], *, title: str = B_TITLE, domain: list[float] | None = None, field: str = "batch_size"):
+    """The batch-size x encoding: log2 scale over ``domain`` (default: the batch sizes, padded), ticks at the
+    batch sizes (:func:`_batch_ticks`), axis by :func:`_log_axis`."""
+    alt = _alt()
+    scale = alt.Scale(type="log", base=2, domain=domain or _domain(bs))
+    return alt.X(f"{field}:Q", scale=scale, axis=_log_axis(_batch_ticks(bs), title=title, fmt="d"))
 
 
 def _run_color(df: pd.DataFrame, *, title: str = "run") -> Any:

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from bsprof.report._chart_base import (
-    B_TITLE,
     HALF,
     HEIGHT,
     THIRD,
@@ -28,7 +27,9 @@ from bsprof.report._chart_base import (
     _batch_sizes,
     _domain,
     _frame,
+    _log_enc,
     _log_ok,
+    _log_ticks,
     _num,
     _per_run,
     _run_color,
@@ -91,7 +92,6 @@ def steps_to_target_chart(convergence: pd.DataFrame, fits: pd.DataFrame | None =
     dom = _domain(bs, 1.45)
     runs = sorted(c["run"].astype(str).unique())
     color = _run_color(c)
-    ys = alt.Scale(type="log")
     ytitle = "steps to target (log scale)"
     x = _x_batch(bs, domain=dom)
     first = fin.groupby("run").head(1).set_index("run")
@@ -134,60 +134,60 @@ def steps_to_target_chart(convergence: pd.DataFrame, fits: pd.DataFrame | None =
         scale=alt.Scale(domain=list(REGIME_COLORS), range=list(REGIME_COLORS.values())),
         legend=alt.Legend(orient="bottom"),
     )
+    curve = pd.DataFrame(columns=["run", "batch_size", "fit"])
+    if fits is not None and len(fits):
+        f = _frame(fits, "fits")
+        f = f[f["constrained"].astype(bool) & f["run"].isin(runs)]
+        grid = np.geomspace(dom[0], dom[1], 60)
+        rows = [
+            {"run": r.run, "batch_size": b, "fit": r.s_min * (1 + r.b_noise / b)} for r in f.itertuples() for b in grid
+        ]
+        curve = pd.DataFrame(rows, columns=["run", "batch_size", "fit"])
+    missed = c[c["steps_to_target"].isna()]
+    top = float(np.nanmax(np.r_[fin["steps_to_target_ci_high"].dropna(), fin["steps_to_target"]]))
+    m = missed.assign(y=top * 1.25, seeds_missed=missed["seeds"] - missed["reached"])
+    m = m[["run", "batch_size", "y", "reached", "seeds", "seeds_missed"]]
+    cols = ["steps_to_target", "steps_to_target_ci_low", "steps_to_target_ci_high", "perfect"]
+    drawn = [*fin[cols].to_numpy().ravel(), *curve["fit"], *m["y"]]
+
+    def y(field: str, title: str | None = None) -> Any:
+        return _log_enc("y", field, drawn, title=title, fmt="~s")
+
     layers = []
     if len(runs) == 1 and len(bands):
         layers.append(
             alt.Chart(bands)
             .mark_rect(opacity=0.7, clip=True)
             .encode(
-                x=alt.X("lo:Q", scale=alt.Scale(type="log", base=2, domain=dom)),
+                x=_x_batch(bs, domain=dom, field="lo"),
                 x2="hi:Q",
                 fill=fill,
                 tooltip=[_tip("regime:N", "regime"), _tip("batch_size:Q", "B")],
             )
         )
     base = alt.Chart(fin).encode(x=x, color=color)
-    layers.append(base.mark_line(strokeDash=[5, 4], opacity=0.6).encode(y=alt.Y("perfect:Q", scale=ys)))
-    if fits is not None and len(fits):
-        f = _frame(fits, "fits")
-        f = f[f["constrained"].astype(bool) & f["run"].isin(runs)]
-        grid = np.geomspace(dom[0], dom[1], 60)
-        curve = pd.DataFrame(
-            [
-                {"run": r.run, "batch_size": b, "fit": r.s_min * (1 + r.b_noise / b)}
-                for r in f.itertuples()
-                for b in grid
-            ]
+    layers.append(base.mark_line(strokeDash=[5, 4], opacity=0.6).encode(y=y("perfect")))
+    if len(curve):
+        layers.append(
+            alt.Chart(curve)
+            .mark_line(strokeDash=[1, 3], strokeWidth=2.5)
+            .encode(x=alt.X("batch_size:Q"), y=y("fit"), color=color, detail="run:N")
         )
-        if len(curve):
-            layers.append(
-                alt.Chart(curve)
-                .mark_line(strokeDash=[1, 3], strokeWidth=2.5)
-                .encode(x=alt.X("batch_size:Q"), y=alt.Y("fit:Q", scale=ys), color=color, detail="run:N")
-            )
     ci = fin[fin["steps_to_target_ci_low"].notna() & fin["steps_to_target_ci_high"].notna()]
     if len(ci):
         layers.append(
             alt.Chart(ci)
             .mark_rule(strokeWidth=2)
-            .encode(x=x, y=alt.Y("steps_to_target_ci_low:Q", scale=ys), y2="steps_to_target_ci_high:Q", color=color)
+            .encode(x=x, y=y("steps_to_target_ci_low"), y2="steps_to_target_ci_high:Q", color=color)
         )
-    layers.append(
-        base.mark_line(point=True).encode(
-            y=alt.Y("steps_to_target:Q", scale=ys, title=ytitle, axis=alt.Axis(format="~s")), tooltip=tips
-        )
-    )
-    missed = c[c["steps_to_target"].isna()]
+    layers.append(base.mark_line(point=True).encode(y=y("steps_to_target", ytitle), tooltip=tips))
     if len(missed):
-        top = float(np.nanmax(np.r_[fin["steps_to_target_ci_high"].dropna(), fin["steps_to_target"]]))
-        m = missed.assign(y=top * 1.25, seeds_missed=missed["seeds"] - missed["reached"])
-        m = m[["run", "batch_size", "y", "reached", "seeds", "seeds_missed"]]
         layers.append(
             alt.Chart(m)
             .mark_point(shape="cross", size=140, filled=True, color="#d62728")
             .encode(
                 x=x,
-                y=alt.Y("y:Q", scale=ys),
+                y=y("y"),
                 tooltip=[
                     _tip("run:N", "run"),
                     _tip("batch_size:Q", "B"),
@@ -215,11 +215,7 @@ def steps_to_target_chart(convergence: pd.DataFrame, fits: pd.DataFrame | None =
         alt.Chart(bands)
         .mark_rect(clip=True)
         .encode(
-            x=alt.X(
-                "lo:Q",
-                scale=alt.Scale(type="log", base=2, domain=dom),
-                axis=alt.Axis(format="d", values=bs if len(bs) <= 16 else alt.Undefined, title=B_TITLE),
-            ),
+            x=_x_batch(bs, domain=dom, field="lo"),
             x2="hi:Q",
             y=alt.Y("run:N", title=None, axis=alt.Axis(labelLimit=300)),
             fill=fill,
@@ -282,7 +278,12 @@ def learning_curves_chart(
         legend=alt.Legend(orient="right", symbolType="stroke", symbolStrokeWidth=3),
     )
     log_y = lower_is_better and bool((c["val_metric"] > 0).all())
-    y_scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
+    y_title = metric + (" (log scale)" if log_y else "")
+    targets_drawn = [v for v in (targets or {}).values() if v is not None]
+    if log_y:
+        y = _log_enc("y", "val_metric", [*c["val_metric"], *targets_drawn], title=y_title)
+    else:
+        y = alt.Y("val_metric:Q", title=y_title, scale=alt.Scale(zero=False))
     tips = [
         _tip("run:N", "run"),
         _tip("batch_size:O", "B"),
@@ -293,7 +294,7 @@ def learning_curves_chart(
         _tip("val_metric:Q", metric, ".4f"),
     ]
     enc: dict[str, Any] = {
-        "y": alt.Y("val_metric:Q", title=metric + (" (log scale)" if log_y else ""), scale=y_scale),
+        "y": y,
         "color": color,
         "detail": "trial_id:N",
         "opacity": alt.condition(pick, alt.value(0.85), alt.value(0.07)),
@@ -320,7 +321,7 @@ def learning_curves_chart(
             .transform_lookup(lookup="ri", from_=run_table)
             .transform_filter(f"datum.{col} > 0")
             .mark_line(point=alt.OverlayMarkDef(size=12))
-            .encode(x=alt.X(f"{col}:Q", scale=alt.Scale(type="log"), title=xtitle, axis=alt.Axis(format=fmt)), **enc)
+            .encode(x=_log_enc("x", col, c[col], title=xtitle, fmt=fmt), **enc)
         )
         if i == 0:
             line = line.add_params(pick)
@@ -381,17 +382,17 @@ def generalization_chart(convergence: pd.DataFrame, final_state: pd.DataFrame | 
         f["grad_norm"] = _num(f, "grad_norm")
         f = f[f["weight_distance"].notna()][["run", "batch_size", "weight_distance", "grad_norm"]]
         if len(f):
-            ys = alt.Scale(type="log") if _log_ok(f["weight_distance"]) else alt.Scale(zero=True)
+            title = "‖w − w₀‖₂ at the end"
+            if _log_ok(f["weight_distance"]):
+                y = _log_enc("y", "weight_distance", f["weight_distance"], title=title + " (log scale)")
+            else:
+                y = alt.Y("weight_distance:Q", scale=alt.Scale(zero=True), title=title)
             panels.append(
                 alt.Chart(f)
                 .mark_line(point=True)
                 .encode(
                     x=_x_batch(bs),
-                    y=alt.Y(
-                        "weight_distance:Q",
-                        scale=ys,
-                        title="‖w − w₀‖₂ at the end" + (" (log scale)" if ys.type == "log" else ""),
-                    ),
+                    y=y,
                     color=_run_color(f),
                     tooltip=[
                         _tip("run:N", "run"),
@@ -411,14 +412,14 @@ def generalization_chart(convergence: pd.DataFrame, final_state: pd.DataFrame | 
     return alt.hconcat(*panels)
 
 
-def _log_ticks(values: pd.Series) -> Any:
-    """1-2-5 ticks within the values' range (a log colour legend otherwise labels one or two)."""
+def _legend_ticks(values: pd.Series) -> Any:
+    """Log-axis ticks (:func:`_log_ticks`) within the values' range (a log colour legend otherwise labels one or
+    two); the range's ends too when fewer than two ticks fall inside it."""
     v = [float(x) for x in values if x > 0 and math.isfinite(x)]
     if not v:
         return _alt().Undefined
     lo, hi = min(v), max(v)
-    ticks = [m * 10.0**k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
-    inside = [t for t in ticks if lo <= t <= hi]
+    inside = [t for t in _log_ticks(v, max_ticks=6, nice=False) if lo <= t <= hi]
     return [lo, *inside, hi] if len(inside) < 2 else inside
 
 
@@ -465,7 +466,7 @@ def lr_sensitivity_chart(lr_tuning: pd.DataFrame) -> alt.TopLevelMixin:
                 "steps:Q",
                 title="median steps to target (log scale)",
                 scale=alt.Scale(type="log", scheme="viridis"),
-                legend=alt.Legend(orient="right", gradientLength=160, titleLimit=260, values=_log_ticks(fin)),
+                legend=alt.Legend(orient="right", gradientLength=160, titleLimit=260, values=_legend_ticks(fin)),
             ),
         )
         .transform_filter(ok),

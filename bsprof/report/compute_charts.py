@@ -4,7 +4,7 @@ pytest-benchmark results (see :mod:`bsprof.report.charts`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from bsprof.report._chart_base import (
     _alt,
     _batch_sizes,
     _frame,
+    _log_enc,
     _log_ok,
     _num,
     _per_run,
@@ -86,12 +87,14 @@ def throughput_chart(throughput: pd.DataFrame) -> alt.TopLevelMixin:
         _tip("scaling_efficiency:Q", "scaling efficiency", ".2f"),
     ]
     base = alt.Chart(t).encode(x=x, color=color)
-    ys = alt.Scale(type="log")
+    drawn = t[["ideal", "samples_per_s", "samples_per_s_p25", "samples_per_s_p75"]].to_numpy().ravel()
     left = alt.layer(
-        base.mark_line(strokeDash=[5, 4], opacity=0.6).encode(y=alt.Y("ideal:Q", scale=ys)),
-        base.mark_rule(strokeWidth=2).encode(y=alt.Y("samples_per_s_p25:Q", scale=ys), y2="samples_per_s_p75:Q"),
+        base.mark_line(strokeDash=[5, 4], opacity=0.6).encode(y=_log_enc("y", "ideal", drawn, fmt="~s")),
+        base.mark_rule(strokeWidth=2).encode(
+            y=_log_enc("y", "samples_per_s_p25", drawn, fmt="~s"), y2="samples_per_s_p75:Q"
+        ),
         base.mark_line(point=True).encode(
-            y=alt.Y("samples_per_s:Q", scale=ys, title="throughput (samples/s, log scale)", axis=alt.Axis(format="~s")),
+            y=_log_enc("y", "samples_per_s", drawn, title="throughput (samples/s, log scale)", fmt="~s"),
             tooltip=tips,
         ),
     ).properties(
@@ -99,11 +102,11 @@ def throughput_chart(throughput: pd.DataFrame) -> alt.TopLevelMixin:
         height=HEIGHT,
         title=_title("Throughput vs batch size", "dashed: ideal linear scaling from the smallest B; bars: p25–p75"),
     )
+    drawn = t[["step_time_ms", "step_p25_ms", "step_p75_ms"]].to_numpy().ravel()
     right = alt.layer(
-        base.mark_rule(strokeWidth=2).encode(y=alt.Y("step_p25_ms:Q", scale=ys), y2="step_p75_ms:Q"),
+        base.mark_rule(strokeWidth=2).encode(y=_log_enc("y", "step_p25_ms", drawn), y2="step_p75_ms:Q"),
         base.mark_line(point=True).encode(
-            y=alt.Y("step_time_ms:Q", scale=ys, title="step time (ms, log scale)", axis=alt.Axis(format="~g")),
-            tooltip=tips,
+            y=_log_enc("y", "step_time_ms", drawn, title="step time (ms, log scale)"), tooltip=tips
         ),
     ).properties(
         width=HALF,
@@ -152,8 +155,14 @@ def memory_chart(
     x = _x_batch(bs)
     color = _run_color(pd.concat([mem[["run"]], ooms[["run"]], caps[["run"]]]))
     log = len(caps) > 0 and _log_ok(mem["peak_mem"])
-    ys = alt.Scale(type="log") if log else alt.Scale(zero=True)
     ytitle = f"peak memory ({unit}, log scale)" if log else f"peak memory ({unit})"
+    drawn = [*mem["peak_mem"], *caps["capacity"]]
+
+    def y(field: str) -> Any:
+        if log:
+            return _log_enc("y", field, drawn, title=ytitle)
+        return alt.Y(f"{field}:Q", scale=alt.Scale(zero=True), title=ytitle, axis=alt.Axis(format="~g"))
+
     layers = []
     if len(mem):
         layers.append(
@@ -161,7 +170,7 @@ def memory_chart(
             .mark_line(point=True)
             .encode(
                 x=x,
-                y=alt.Y("peak_mem:Q", scale=ys, title=ytitle, axis=alt.Axis(format="~g")),
+                y=y("peak_mem"),
                 color=color,
                 tooltip=[
                     _tip("run:N", "run"),
@@ -175,7 +184,7 @@ def memory_chart(
             alt.Chart(caps)
             .mark_rule(strokeDash=[6, 3], strokeWidth=2)
             .encode(
-                y=alt.Y("capacity:Q", scale=ys, title=ytitle),
+                y=y("capacity"),
                 color=color,
                 tooltip=[_tip("run:N", "run"), _tip("capacity:Q", f"device memory ({unit})", ",.3~g")],
             )
@@ -231,13 +240,16 @@ def gpu_chart(gpu: pd.DataFrame) -> alt.TopLevelMixin:
         if not v.notna().any():
             continue
         d = g.assign(value=v)[["run", "batch_size", "value"]].dropna()
-        ys = alt.Scale(type="log") if log and _log_ok(d["value"]) else alt.Scale(zero=True)
+        if log and _log_ok(d["value"]):
+            y = _log_enc("y", "value", d["value"], title=title)
+        else:
+            y = alt.Y("value:Q", scale=alt.Scale(zero=True), title=title.replace(", log scale", ""))
         panels.append(
             alt.Chart(d)
             .mark_line(point=True)
             .encode(
                 x=_x_batch(bs),
-                y=alt.Y("value:Q", scale=ys, title=title if ys.type == "log" else title.replace(", log scale", "")),
+                y=y,
                 color=color,
                 tooltip=[_tip("run:N", "run"), _tip("batch_size:Q", "B"), _tip("value:Q", title, ".3g")],
             )
@@ -320,8 +332,14 @@ def benchmarks_chart(benchmarks: pd.DataFrame) -> alt.TopLevelMixin:
     b["bench"] = b["file"].astype(str) + " :: " + b["name"].astype(str) if b["file"].nunique() > 1 else b["name"]
     b = b[["bench", "min", "median", "q1", "q3", "max", "rounds", "extra_info"]]
     log = _log_ok(b["min"]) and (b["median"].max() / max(b["min"].min(), 1e-300) > 50)
-    xs = alt.Scale(type="log") if log else alt.Scale(zero=True)
     xtitle = f"time per round ({unit}{', log scale' if log else ''})"
+    drawn = b[["min", "q1", "q3", "median"]].to_numpy().ravel()
+
+    def x(field: str, title: str | None = None) -> Any:
+        if log:
+            return _log_enc("x", field, drawn, title=title)
+        return alt.X(f"{field}:Q", scale=alt.Scale(zero=True), title=title or alt.Undefined)
+
     y = alt.Y("bench:N", title=None, sort=None, axis=alt.Axis(labelLimit=420))
     tips = [
         _tip("bench:N", "benchmark"),
@@ -334,11 +352,9 @@ def benchmarks_chart(benchmarks: pd.DataFrame) -> alt.TopLevelMixin:
     ]
     base = alt.Chart(b).encode(y=y)
     return alt.layer(
-        base.mark_rule(strokeWidth=6, opacity=0.45, color="#4c78a8").encode(
-            x=alt.X("q1:Q", scale=xs, title=xtitle), x2="q3:Q", tooltip=tips
-        ),
-        base.mark_tick(color="#d62728", thickness=2, size=16).encode(x=alt.X("min:Q", scale=xs), tooltip=tips),
-        base.mark_point(filled=True, size=60, color="#1f3b63").encode(x=alt.X("median:Q", scale=xs), tooltip=tips),
+        base.mark_rule(strokeWidth=6, opacity=0.45, color="#4c78a8").encode(x=x("q1", xtitle), x2="q3:Q", tooltip=tips),
+        base.mark_tick(color="#d62728", thickness=2, size=16).encode(x=x("min"), tooltip=tips),
+        base.mark_point(filled=True, size=60, color="#1f3b63").encode(x=x("median"), tooltip=tips),
     ).properties(
         width=WIDE - 240,
         height=max(60, 24 * len(b)),

@@ -14,6 +14,7 @@ from bsprof.report._chart_base import (
     _alt,
     _batch_sizes,
     _frame,
+    _log_enc,
     _num,
     _per_run,
     _tip,
@@ -56,24 +57,25 @@ def noise_scale_chart(curves: pd.DataFrame, critical: pd.DataFrame | None = None
         _tip("b_simple_low:Q", "90% low", ".3g"),
         _tip("b_simple_high:Q", "90% high", ".3g"),
     ]
-    x = alt.X("epochs:Q", scale=alt.Scale(type="log"), title="epochs of training (log scale)")
-    y = alt.Y("b_simple:Q", scale=alt.Scale(type="log"), title="B_simple = tr(Σ)/|G|² (examples, log scale)")
-    layers = [
-        alt.Chart(c)
-        .mark_line(point=alt.OverlayMarkDef(size=14), opacity=0.7)
-        .encode(x=x, y=y, color=color, detail="trial_id:N", tooltip=tips)
-    ]
+    x = _log_enc("x", "epochs", c["epochs"], title="epochs of training (log scale)")
     rules = pd.DataFrame(columns=["run", "value", "what"])
     if critical is not None and len(critical):
         rules = critical.melt(id_vars=["run"], value_vars=["predicted", "measured"], var_name="what")
         rules = rules[pd.to_numeric(rules["value"], errors="coerce") > 0]
         rules["what"] = rules["what"].map({"predicted": "predicted B_crit", "measured": "fitted B_crit"})
+    drawn = [*c["b_simple"], *pd.to_numeric(rules["value"])]
+    y = _log_enc("y", "b_simple", drawn, title="B_simple = tr(Σ)/|G|² (examples, log scale)")
+    layers = [
+        alt.Chart(c)
+        .mark_line(point=alt.OverlayMarkDef(size=14), opacity=0.7)
+        .encode(x=x, y=y, color=color, detail="trial_id:N", tooltip=tips)
+    ]
     if len(rules):
         layers.append(
             alt.Chart(rules)
             .mark_rule(strokeDash=[6, 4])
             .encode(
-                y="value:Q",
+                y=_log_enc("y", "value", drawn),
                 color=alt.value("#444"),
                 strokeDash=alt.StrokeDash("what:N", title=None, legend=alt.Legend(orient="bottom")),
                 tooltip=[_tip("what:N", "what"), _tip("value:Q", "examples", ".3g")],
@@ -99,7 +101,8 @@ def predicted_steps_chart(steps: pd.DataFrame) -> alt.TopLevelMixin:
     bs = _batch_sizes(s)
     x = _x_batch(bs)
     ytitle = "steps to target (log scale)" + (" — relative to S_min" if bool(s["relative"].any()) else "")
-    y = alt.Y("predicted_steps:Q", scale=alt.Scale(type="log"), title=ytitle)
+    drawn = s[["predicted_steps", "predicted_low", "predicted_high", "measured_steps"]].to_numpy().ravel()
+    y = _log_enc("y", "predicted_steps", drawn, title=ytitle)
     tips: list[Any] = [
         _tip("batch_size:Q", "B", "d"),
         _tip("predicted_steps:Q", "predicted S(B)", ".3g"),
@@ -110,13 +113,13 @@ def predicted_steps_chart(steps: pd.DataFrame) -> alt.TopLevelMixin:
     band = (
         alt.Chart(s[s["predicted_low"].notna() & s["predicted_high"].notna()])
         .mark_area(opacity=0.2, color="#4c78a8")
-        .encode(x=x, y=alt.Y("predicted_low:Q", scale=alt.Scale(type="log"), title=ytitle), y2="predicted_high:Q")
+        .encode(x=x, y=_log_enc("y", "predicted_low", drawn, title=ytitle), y2="predicted_high:Q")
     )
     line = alt.Chart(s).mark_line(color="#4c78a8").encode(x=x, y=y, tooltip=tips)
     points = (
         alt.Chart(s[s["measured_steps"].notna()])
         .mark_point(filled=True, size=50, color="#e45756")
-        .encode(x=x, y=alt.Y("measured_steps:Q", scale=alt.Scale(type="log"), title=ytitle), tooltip=tips)
+        .encode(x=x, y=_log_enc("y", "measured_steps", drawn, title=ytitle), tooltip=tips)
     )
     sub = "line: predicted from the noise scale (band: its 90% interval); points: measured median over seeds"
     many = s["run"].nunique() > 1

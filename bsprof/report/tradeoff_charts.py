@@ -21,6 +21,7 @@ from bsprof.report._chart_base import (
     _batch_sizes,
     _domain,
     _frame,
+    _log_enc,
     _num,
     _run_color,
     _tip,
@@ -69,12 +70,7 @@ def headline_chart(tradeoff: pd.DataFrame, fits: pd.DataFrame | None = None) -> 
             layers.append(alt.Chart(f).mark_rule(strokeDash=[2, 2]).encode(x=alt.X("b:Q"), color=color, tooltip=tips))
     base = alt.Chart(t).encode(
         x=_x_batch(bs, domain=dom),
-        y=alt.Y(
-            "wallclock:Q",
-            scale=alt.Scale(type="log"),
-            title=f"wall-clock to target ({unit}, log scale)",
-            axis=alt.Axis(format="~g", labelOverlap="greedy", labelSeparation=4),  # no cramped log-axis labels
-        ),
+        y=_log_enc("y", "wallclock", t["wallclock"], title=f"wall-clock to target ({unit}, log scale)"),
         color=color,
         tooltip=[
             _tip("run:N", "run"),
@@ -147,7 +143,7 @@ def to_target_chart(tradeoff: pd.DataFrame) -> alt.TopLevelMixin:
         d = d.assign(best=d[col] == d.groupby("run")[col].transform("min"))
         d = d[["run", "batch_size", col, lo, hi, "best", "steps_to_target", "step_time_s"]]
         color = _run_color(d)
-        ys = alt.Scale(type="log")
+        drawn = d[[col, lo, hi]].to_numpy().ravel()
         base = alt.Chart(d).encode(x=_x_batch(bs), color=color)
         tips = [
             _tip("run:N", "run"),
@@ -161,13 +157,11 @@ def to_target_chart(tradeoff: pd.DataFrame) -> alt.TopLevelMixin:
         layers = [
             alt.Chart(ci)
             .mark_rule(strokeWidth=2)
-            .encode(x=_x_batch(bs), y=alt.Y(f"{lo}:Q", scale=ys), y2=f"{hi}:Q", color=color),
-            base.mark_line(point=True).encode(
-                y=alt.Y(f"{col}:Q", scale=ys, title=ytitle, axis=alt.Axis(format=fmt)), tooltip=tips
-            ),
+            .encode(x=_x_batch(bs), y=_log_enc("y", lo, drawn, fmt=fmt), y2=f"{hi}:Q", color=color),
+            base.mark_line(point=True).encode(y=_log_enc("y", col, drawn, title=ytitle, fmt=fmt), tooltip=tips),
             base.transform_filter("datum.best")
             .mark_point(size=260, strokeWidth=2.5, filled=False)
-            .encode(y=alt.Y(f"{col}:Q", scale=ys)),
+            .encode(y=_log_enc("y", col, drawn, fmt=fmt)),
         ]
         panels.append(alt.layer(*layers).properties(width=HALF, height=HEIGHT, title=_title(title, "ring: lowest")))
     if not panels:
@@ -201,10 +195,8 @@ def pareto_chart(tradeoff: pd.DataFrame) -> alt.TopLevelMixin:
         d = d.assign(front=d[flag].astype(bool), label="B=" + d["batch_size"].astype(int).astype(str))
         d = d[["run", "batch_size", "xv", "yv", "front", "label"]].sort_values(["run", "xv"])
         color = _run_color(d)
-        x = alt.X("xv:Q", scale=alt.Scale(type="log", nice=False, padding=14), title=xtitle, axis=alt.Axis(format="~s"))
-        y = alt.Y(
-            "yv:Q", scale=alt.Scale(type="log", nice=False, padding=14), title="wall-clock to target (s, log scale)"
-        )
+        x = _log_enc("x", "xv", d["xv"], title=xtitle, fmt="~s", nice=False, padding=14)
+        y = _log_enc("y", "yv", d["yv"], title="wall-clock to target (s, log scale)", nice=False, padding=14)
         tips = [
             _tip("run:N", "run"),
             _tip("batch_size:Q", "B"),
