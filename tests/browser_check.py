@@ -65,7 +65,12 @@ PROBE_JS = r"""
     }
     charts.push(info);
   });
-  return {ready: document.readyState, title: document.title, charts: charts,
+  // Boxes a reader must scroll sideways inside (a chart wider than its column), besides the page itself.
+  const scrolled = Array.from(document.querySelectorAll('.chart, .wide, pre'))
+    .filter(el => el.scrollWidth > el.clientWidth + 1)
+    .map(el => ({id: el.id || (el.querySelector('[id]') || {}).id || el.className,
+                 scroll_width: el.scrollWidth, client_width: el.clientWidth}));
+  return {ready: document.readyState, title: document.title, charts: charts, scrolled: scrolled,
           scroll_width: document.documentElement ? document.documentElement.scrollWidth : 0,
           inner_width: window.innerWidth};
 })()
@@ -97,6 +102,7 @@ class PageReport:
     title: str = ""
     scroll_width: int = 0
     inner_width: int = 0
+    scrolled: list[dict[str, Any]] = field(default_factory=list)
     load_s: float = 0.0
 
     @property
@@ -279,6 +285,7 @@ def check_page(
         rep.load_s = time.monotonic() - t0
         rep.charts, rep.title = probe.get("charts", []), probe.get("title", "")
         rep.scroll_width, rep.inner_width = probe.get("scroll_width", 0), probe.get("inner_width", 0)
+        rep.scrolled = probe.get("scrolled", [])
         if screenshot is not None:
             m = b.call("Page.getLayoutMetrics", {}, sid)
             size = m.get("cssContentSize") or m["contentSize"]

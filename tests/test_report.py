@@ -101,7 +101,7 @@ def test_full_store_shows_every_section_with_its_chart(full):
 def test_page_is_self_contained(full):
     html, _ = full
     assert html.count("<script") == 2  # the Vega bundle once, then one loop of vegaEmbed calls
-    assert "vegaEmbed(el, SPECS[id]" in html
+    assert "vegaEmbed(el, columns < n ? wrapped(spec, columns) : spec, OPTIONS)" in html
     start = html.index("<script>")
     page = html[:start] + html[html.index("</script>", start) :]  # the page without the (trusted) Vega bundle
     assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=", page)

@@ -33,6 +33,7 @@ def test_full_report_renders_offline_without_errors(tmp_path: Path) -> None:
     assert len(page.charts) == len(page.rendered) == info.charts, page.charts
     assert page.empty == [], "charts rendered without data marks"
     assert page.scroll_width <= page.inner_width, "the page scrolls sideways"
+    assert page.scrolled == [], page.scrolled
     for chart in page.rendered:
         assert chart["titles"], f"{chart['id']} has no title"
         assert all(t.strip() for t in chart["axis_titles"]), f"{chart['id']} has an untitled axis"
@@ -48,3 +49,19 @@ def test_report_without_charts_loads_cleanly(tmp_path: Path) -> None:
     page = check_page(out, expect_charts=0, settle=0.3)
 
     assert page.external_requests == [] and page.console_errors == [] and page.charts == []
+
+
+@pytest.mark.parametrize("width", [1400, 1000])
+def test_default_sweep_report_needs_no_sideways_scrolling(tmp_path: Path, width: int) -> None:
+    """Issue 12: the learning-curves row scrolled sideways at 1,400 px. Neither the page nor any chart's box
+    may (a row of panels too wide for the window wraps onto more rows)."""
+    store = tmp_path / "s.db"
+    make_store(store)  # the shape of the default sweep: 8..1024, 3 seeds, throughput and convergence
+    out = tmp_path / "index.html"
+    info = write_report(store, out)
+
+    page = check_page(out, expect_charts=info.charts, width=width)
+
+    assert len(page.rendered) == info.charts and page.console_errors == [], page.console_errors
+    assert page.scroll_width <= page.inner_width, "the page scrolls sideways"
+    assert page.scrolled == [], f"charts scroll sideways inside their box at {width} px: {page.scrolled}"

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 B_TITLE = "batch size B (log₂ scale)"
-WIDE, HALF, THIRD = 760, 420, 290
+WIDE, HALF, THIRD = 760, 420, 260
 HEIGHT = 260
 
 
