@@ -24,11 +24,11 @@ torch runs on one thread here (restored afterwards): on a small shared host, Ope
 while another process holds a core swing step times by far more than 3%, for both sides alike.
 
 Busy host: the verdict holds only on a quiet host, so the host's counters are read at every round boundary
-(:class:`~bsprof.engine.host_load.HostWindow`, outside the timed sides). A measurement whose whole window, or more
-than a quarter of whose rounds, ran on a busy host (:func:`~bsprof.engine.host_load.assess_host_load`: other
-processes on the cores this test needs, a long run queue, steal) is made again, up to ``ATTEMPTS`` times in all;
-if the host is still busy the test is skipped ("host busy: <why>"), never failed. ``extra_info`` records
-``attempts``, ``host_busy`` and ``host_busy_reasons``.
+(:class:`~bsprof.engine.host_load.HostWindow`, outside the timed sides). A measurement whose whole window, or
+more than a quarter of whose rounds, ran on a busy host (:func:`~bsprof.engine.host_load.assess_host_load`:
+other processes on the cores this test needs, a long run queue, steal) is made again, up to 3 times in all
+(the ``quiet_host_verdict`` fixture); if the host is still busy the test is skipped ("host busy: <why>"),
+never failed. ``extra_info`` records ``attempts``, ``host_busy`` and ``host_busy_reasons``.
 
 Run: ``python -m pytest benchmarks/test_harness_overhead.py --benchmark-only``.
 """
@@ -44,7 +44,7 @@ import pytest
 import torch
 from torch import nn
 
-from bsprof.engine.host_load import HostWindow, measure_on_quiet_host
+from bsprof.engine.host_load import HostWindow
 from bsprof.engine.sampler_process import SamplerProcess
 from bsprof.engine.timing import TimingSettings
 from bsprof.engine.trial import EngineSettings, TrialSpec, run_throughput_trial
@@ -55,7 +55,6 @@ SIDE_S = 0.3
 CHUNK_S = 0.02
 MIN_CHUNKS = 7
 WARMUP_STEPS = 20
-ATTEMPTS = 3
 TOLERANCE = 0.03
 SEED = 0
 LR = 0.01
@@ -152,21 +151,8 @@ def _compare(batch_size: int, host: HostWindow) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("batch_size", [8, 256], ids=["digits-mlp-B8", "digits-mlp-B256"])
-def test_harness_overhead(benchmark: Any, torch_threads: int, batch_size: int) -> None:
-    measured = benchmark.pedantic(
-        measure_on_quiet_host,
-        args=(lambda host: _compare(batch_size, host),),
-        kwargs={"attempts": ATTEMPTS, "threads": torch_threads},
-        rounds=1,
-        iterations=1,
-    )
-    out = measured.value
-    benchmark.extra_info.update(out)
-    benchmark.extra_info.update(
-        attempts=measured.attempts, host_busy=measured.busy_reason is not None, host_busy_reasons=measured.busy_reasons
-    )
-    if measured.busy_reason is not None:  # only a measurement on a quiet host may fail the verdict
-        pytest.skip(f"host busy: {measured.busy_reason} ({measured.attempts} attempt(s))")
+def test_harness_overhead(torch_threads: int, quiet_host_verdict: Any, batch_size: int) -> None:
+    out = quiet_host_verdict(lambda host: _compare(batch_size, host), torch_threads)
     assert abs(out["ratio"] - 1) <= TOLERANCE, (
         f"bsprof {out['bsprof_samples_per_s']:.0f} samples/s vs hand loop {out['hand_samples_per_s']:.0f} "
         f"(median per-round ratio {out['ratio']:.4f}, ratio of medians {out['ratio_of_medians']:.4f}; "

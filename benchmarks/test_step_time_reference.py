@@ -14,11 +14,11 @@ halves of a round see the same load regime). ``ratio_p25``/``ratio_p75`` record 
 ratios: the noise of the verdict. torch runs on one thread (restored afterwards).
 
 Busy host: the verdict holds only on a quiet host, so the host's counters are read at every round boundary
-(:class:`~bsprof.engine.host_load.HostWindow`, outside the timed sides). A measurement whose whole window, or more
-than a quarter of whose rounds, ran on a busy host (:func:`~bsprof.engine.host_load.assess_host_load`: other
-processes on the cores this test needs, a long run queue, steal) is made again, up to ``ATTEMPTS`` times in all;
-if the host is still busy the test is skipped ("host busy: <why>"), never failed. ``extra_info`` records
-``attempts``, ``host_busy`` and ``host_busy_reasons``.
+(:class:`~bsprof.engine.host_load.HostWindow`, outside the timed sides). A measurement whose whole window, or
+more than a quarter of whose rounds, ran on a busy host (:func:`~bsprof.engine.host_load.assess_host_load`:
+other processes on the cores this test needs, a long run queue, steal) is made again, up to 3 times in all
+(the ``quiet_host_verdict`` fixture); if the host is still busy the test is skipped ("host busy: <why>"),
+never failed. ``extra_info`` records ``attempts``, ``host_busy`` and ``host_busy_reasons``.
 
 Run: ``python -m pytest benchmarks/test_step_time_reference.py --benchmark-only``.
 """
@@ -32,7 +32,7 @@ import pytest
 import torch
 from torch.utils.benchmark import Timer
 
-from bsprof.engine.host_load import HostWindow, measure_on_quiet_host
+from bsprof.engine.host_load import HostWindow
 from bsprof.engine.lr import scaled_lr
 from bsprof.engine.monitors import SamplerProcess
 from bsprof.engine.step import TrainingStep
@@ -43,7 +43,6 @@ from bsprof.workloads.digits import DigitsMLP
 ROUNDS = 21
 MIN_TIME_S = 1.0  # bsprof's default --min-time
 REFERENCE_MIN_RUN_S = 0.2  # blocked_autorange's default
-ATTEMPTS = 3
 TOLERANCE = 0.05
 SEED = 0
 
@@ -95,21 +94,8 @@ def _compare(batch_size: int, host: HostWindow) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("batch_size", [256, 1024], ids=["digits-mlp-B256", "digits-mlp-B1024"])
-def test_step_time_matches_blocked_autorange(benchmark: Any, torch_threads: int, batch_size: int) -> None:
-    measured = benchmark.pedantic(
-        measure_on_quiet_host,
-        args=(lambda host: _compare(batch_size, host),),
-        kwargs={"attempts": ATTEMPTS, "threads": torch_threads},
-        rounds=1,
-        iterations=1,
-    )
-    out = measured.value
-    benchmark.extra_info.update(out)
-    benchmark.extra_info.update(
-        attempts=measured.attempts, host_busy=measured.busy_reason is not None, host_busy_reasons=measured.busy_reasons
-    )
-    if measured.busy_reason is not None:  # only a measurement on a quiet host may fail the verdict
-        pytest.skip(f"host busy: {measured.busy_reason} ({measured.attempts} attempt(s))")
+def test_step_time_matches_blocked_autorange(torch_threads: int, quiet_host_verdict: Any, batch_size: int) -> None:
+    out = quiet_host_verdict(lambda host: _compare(batch_size, host), torch_threads)
     assert abs(out["ratio"] - 1) <= TOLERANCE, (
         f"B={batch_size}: bsprof {out['bsprof_step_time_s'] * 1e3:.3f} ms vs blocked_autorange "
         f"{out['reference_step_time_s'] * 1e3:.3f} ms (median per-round ratio {out['ratio']:.4f}, "
