@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLOWED_WORKLOAD = "tests/fixtures/slowdown.py:factory"
 SPINNER = [sys.executable, "-c", "while True: pass"]
 
-__all__ = ["PairOutcome", "main", "suite_argv"]
+__all__ = ["PairOutcome", "main", "parse_args", "rerun_command", "suite_argv"]
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,15 @@ def _busy(path: Path) -> int:
     return sum(1 for b in doc["benchmarks"] if (b.get("extra_info") or {}).get("host_busy") is True)
 
 
+def rerun_command(opts: argparse.Namespace, *, slowed: bool) -> str:
+    """The gate's ``--rerun`` command: the suite command for ``{tests}`` into ``{json}``."""
+    argv = suite_argv("{json}", opts, slowed=slowed, rerun=True)
+    return " ".join(a if a in ("{json}", "{tests}") else shlex.quote(a) for a in argv)
+
+
 def _gate(base: Path, new: Path, opts: argparse.Namespace, *, slowed: bool) -> tuple[int, str]:
     """``bsprof compare`` as the nightly job runs it; (exit code, its output)."""
-    rerun = " ".join(
-        shlex.quote(a) if a not in ("{json}", "{tests}") else a
-        for a in suite_argv("{json}", opts, slowed=slowed, rerun=True)
-    )
+    rerun = rerun_command(opts, slowed=slowed)
     argv = [sys.executable, "-m", "bsprof.cli", "compare", str(base), str(new), "--fail-above", opts.fail_above,
             "--rerun", rerun, "--reruns", str(opts.reruns)]  # fmt: skip
     proc = subprocess.run(argv, cwd=REPO, env=_env(opts, slowed=slowed), capture_output=True, text=True, check=False)
@@ -114,7 +117,8 @@ def _last(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The experiment's settings (``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--batch-sizes", default="64,256")
@@ -126,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reruns", type=int, default=2)
     p.add_argument("--baseline-attempts", type=int, default=3, help="measure a busy baseline again, at most N times")
     p.add_argument("--out", type=Path, default=REPO / "reports" / "gate_trial")
-    opts = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
     opts.out.mkdir(parents=True, exist_ok=True)
     outcomes: list[PairOutcome] = []
     for i in range(1, opts.pairs + 1):

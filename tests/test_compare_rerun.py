@@ -168,3 +168,21 @@ def test_the_rerun_replaces_only_the_flagged_benchmarks(tmp_path: Path) -> None:
     assert by_name == {A: "regression", B: "unchanged"}  # B's 5x in the re-run output was not taken
     with pytest.raises(BadInput, match="--reruns must be >= 0"):
         compare_with_reruns(base, new, command="x {json}", reruns=-1, run=run)
+
+
+def test_the_gate_trial_reruns_the_suite_it_measured_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/gate_trial.py`` hands the gate its own suite command, node ids and output as placeholders."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gate_trial.py"
+    spec = importlib.util.spec_from_file_location("gate_trial", path)
+    assert spec is not None and spec.loader is not None
+    gate_trial = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gate_trial", gate_trial)  # its dataclass looks its module up
+    spec.loader.exec_module(gate_trial)
+    opts = gate_trial.parse_args(["--batch-sizes", "64,256"])
+    for slowed in (False, True):
+        argv = rerun_argv(gate_trial.rerun_command(opts, slowed=slowed), "/t/o.json", [A, B])
+        measured = gate_trial.suite_argv("/t/o.json", opts, slowed=slowed)
+        assert argv == [measured[0], *measured[1:3], A, B, *measured[4:]]  # the file's place taken by the node ids
+        assert ("--bsprof-workload" in argv) == slowed
