@@ -13,11 +13,12 @@ import pytest
 import torch
 from helpers import FAST, FIXTURES, ref
 
-from bsprof.engine.result import TrialResult, TrialSpec
+from bsprof.engine.result import ScriptInfo, TrialExtra, TrialResult, TrialSpec
 from bsprof.engine.script import ScriptJob, script_runners
 from bsprof.engine.sweep import LocalExecutor, SweepConfig, run_sweep
 from bsprof.engine.timing import TimingSettings
 from bsprof.engine.trial import EngineSettings
+from bsprof.errors import BadInput
 from bsprof.store import Store
 from bsprof.workload import Workload, load_workload
 
@@ -224,3 +225,58 @@ def test_data_parallel_trial_runs_its_ranks_in_one_ray_task(
     assert (row["status"], row["world_size"], row["per_rank_batch_size"]) == ("ok", 2, 32)
     assert row["samples_per_s"] > 0
     assert run.config["engine"]["world_size"] == 2
+
+
+def test_data_parallel_trials_ask_for_one_device_per_rank_and_fill_fewer_slots(local_ray: Any) -> None:
+    """N ranks per trial: N GPUs on CUDA (never shared with another trial), N CPUs on CPU; the in-flight
+    slots are the cluster's units divided by N, and the plan says so."""
+    executor = RayExecutor("digits-mlp", nproc_per_node=2)
+    cuda = EngineSettings(device=torch.device("cuda", 0))
+    spec = TrialSpec("digits-mlp", "throughput", 64, 0, 0.1)
+    assert executor.resources(spec, cuda) == {"num_gpus": 2, "num_cpus": 2}
+    assert executor.resources(spec, SETTINGS) == {"num_cpus": 2}
+    plan = executor.plan(SETTINGS)  # the local instance has 2 CPUs: one trial of 2 ranks at a time
+    assert "2 data-parallel ranks in one task and takes 2 CPUs" in plan and "at most 1 trials in flight" in plan
+    assert "takes 2 GPUs of its own" in executor.plan(cuda)
+    with pytest.raises(BadInput, match="need a workload reference"):
+        RayExecutor(None, nproc_per_node=2)
+
+
+def test_a_script_log_from_another_node_is_written_where_the_driver_has_none(tmp_path: Path) -> None:
+    """What a task on another node sends back (the log's end) and what the driver keeps of it."""
+    from bsprof.engine.ray_executor import _Done, _keep_log, _log_to_send
+
+    log = tmp_path / "worker" / "output.log"
+    log.parent.mkdir()
+    log.write_bytes(b"line 1\nline 2\n")
+    extra = TrialExtra(source="script", script=ScriptInfo(command="python t.py", log=str(log)))
+    result = TrialResult(spec=TrialSpec("t", "throughput", 8, 0, 0.1), status="ok", device="cpu", extra=extra)
+    assert _log_to_send(result, remote=False) is None  # same node: the file is already where the store says
+    sent = _log_to_send(result, remote=True)
+    assert sent == b"line 1\nline 2\n"
+    log.unlink()  # the driver's node has no such file
+    _keep_log(_Done(result, sent))
+    assert log.read_bytes() == sent
+    log.write_bytes(b"shared filesystem copy\n")
+    _keep_log(_Done(result, b"other"))
+    assert log.read_bytes() == b"shared filesystem copy\n"  # an existing file is never overwritten
+
+
+@pytest.mark.slow
+def test_a_data_parallel_trial_whose_rank_dies_is_stored_as_error_with_its_exit_code(
+    local_ray: Any, tmp_path: Path
+) -> None:
+    """A rank that dies ends its trial's launch; the task returns the trial as ``error`` naming the rank and
+    its exit code, and the driver stores it once."""
+    from bsprof.engine.distributed import DataParallel
+
+    workload_ref = ref("tiny.py", "rank_1_dies")
+    config = SweepConfig(workload_ref=workload_ref, batch_sizes=(8,), kinds=("throughput",), seeds=1)
+    settings = EngineSettings(device=torch.device("cpu"), timing=QUICK, data_parallel=DataParallel(0, 2, 0))
+    with Store(tmp_path / "s.db", create=True) as store:
+        executor = RayExecutor(workload_ref, nproc_per_node=2)
+        run_sweep(config, load_workload(workload_ref), settings, store, prime=False, executor=executor)
+        rows = store.trial_rows()
+    assert len(rows) == 1
+    assert rows[0]["status"] == "error"
+    assert "rank 1 failed (exit code 3)" in rows[0]["error"]

@@ -132,8 +132,7 @@ def _trial_task(work: _Work) -> _Done:
         elif isinstance(work.workload, str):
             result = _run_workload(work)
         else:  # a script job: its runner starts the command; this worker does not touch the device itself
-            settings = replace(work.settings, sampler_process=None)
-            result = work.runners[work.spec.kind](work.workload, work.spec, settings)
+            result = work.runners[work.spec.kind](work.workload, work.spec, _on_worker(work.settings))
     finally:
         del os.environ[TRIAL_ENV]
     return _Done(result, _log_to_send(result, ray.get_runtime_context().get_node_id() != work.driver_node))
@@ -163,13 +162,19 @@ def _end_strays(trial_id: str) -> list[int]:
     return killed
 
 
+def _on_worker(settings: EngineSettings) -> EngineSettings:
+    """The driver's settings as a one-process task sees them: no sampler process of the driver's, and on CUDA
+    the task's one GPU, which Ray makes the only visible one (``cuda:0``, whatever the driver's index)."""
+    settings = replace(settings, sampler_process=None)
+    return replace(settings, device=torch.device("cuda", 0)) if settings.device.type == "cuda" else settings
+
+
 def _run_workload(work: _Work) -> TrialResult:
     from bsprof.workload import load_workload
 
     torch.set_num_threads(work.threads)
-    settings = replace(work.settings, sampler_process=None)
-    if settings.device.type == "cuda":  # Ray makes the task's one GPU the only visible one
-        settings = replace(settings, device=torch.device("cuda", 0))
+    settings = _on_worker(work.settings)
+    if settings.device.type == "cuda":
         torch.cuda.set_device(0)
     workload = load_workload(work.workload)
     if work.workload not in _PRIMED:  # a fresh worker's one-time costs stay off its first trial
@@ -202,8 +207,9 @@ def _launch_ranks(work: _Work) -> TrialResult:
     try:
         returned = elastic_launch(config, _rank)(ray.cloudpickle.dumps(work))
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
-        why = f"rank {rank} failed (exit code {failure.exitcode}): {failure.message or e.name}"
+        rank, failure = e.get_first_failure()
+        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else failure.message
+        why = f"rank {rank} failed ({how}); the ranks' output is in Ray's worker logs (/tmp/ray/session_latest)"
         return ended(work.spec, "error", work.settings.device, started, error=why.splitlines()[0][:500])
     return returned[0]
 
@@ -240,7 +246,7 @@ def _rank(blob: bytes) -> TrialResult | None:
 
 def _log_to_send(result: TrialResult, remote: bool) -> bytes | None:
     """The end of a script trial's log when the task ran on another node than the driver, else ``None``."""
-    script = result.extra.script if result.extra is not None else None
+    script = result.extra.script
     if not remote or script is None:
         return None
     try:
@@ -255,7 +261,7 @@ def _log_to_send(result: TrialResult, remote: bool) -> bytes | None:
 def _keep_log(done: _Done) -> None:
     """Write a log sent back from another node at its path on this one, unless a file is there (a shared
     filesystem) or the folder cannot be made."""
-    script = done.result.extra.script if done.result.extra is not None else None
+    script = done.result.extra.script
     if done.log_bytes is None or script is None or os.path.exists(script.log):
         return
     try:
