@@ -37,7 +37,12 @@ def quiet_host_verdict(benchmark: Any) -> Callable[[Callable[[HostWindow], dict[
     """``verdict(measure, threads)``: run ``measure(host_window)`` once under ``benchmark.pedantic``, again while the
     host was busy (:func:`~bsprof.engine.host_load.measure_on_quiet_host`, up to :data:`QUIET_ATTEMPTS` in all),
     record its figures and ``attempts``/``host_busy``/``host_busy_reasons`` in ``extra_info``, and skip the test
-    ("host busy: <why>") when no attempt was quiet: only a quiet measurement may fail a verdict."""
+    ("host busy: <why>") when no attempt was quiet: only a quiet measurement may fail a verdict.
+
+    ``measure`` calls ``host_window.mark()`` at its round boundaries (outside the timed parts); a measurement is
+    busy when its whole window, or more than a quarter of its rounds, ran on a busy host
+    (:func:`~bsprof.engine.host_load.assess_host_load`: other processes on the cores it needs, a long run queue,
+    steal)."""
 
     def verdict(measure: Callable[[HostWindow], dict[str, Any]], threads: int) -> dict[str, Any]:
         kwargs = {"attempts": QUIET_ATTEMPTS, "threads": threads}

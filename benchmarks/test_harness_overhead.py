@@ -23,12 +23,8 @@ round's figures.
 torch runs on one thread here (restored afterwards): on a small shared host, OpenMP workers that spin
 while another process holds a core swing step times by far more than 3%, for both sides alike.
 
-Busy host: the verdict holds only on a quiet host, so the host's counters are read at every round boundary
-(:class:`~bsprof.engine.host_load.HostWindow`, outside the timed sides). A measurement whose whole window, or
-more than a quarter of whose rounds, ran on a busy host (:func:`~bsprof.engine.host_load.assess_host_load`:
-other processes on the cores this test needs, a long run queue, steal) is made again, up to 3 times in all
-(the ``quiet_host_verdict`` fixture); if the host is still busy the test is skipped ("host busy: <why>"),
-never failed. ``extra_info`` records ``attempts``, ``host_busy`` and ``host_busy_reasons``.
+Busy host: this verdict holds only on a quiet host; ``_compare`` marks the host's counters at every round and
+the ``quiet_host_verdict`` fixture (benchmarks/conftest.py) measures again while the host was busy, then skips.
 
 Run: ``python -m pytest benchmarks/test_harness_overhead.py --benchmark-only``.
 """
