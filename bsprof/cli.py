@@ -400,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="most re-runs of --rerun before judging (default: 2)",
     )
+    cp.add_argument(
+        "--write-judged",
+        metavar="FILE",
+        help="with --rerun: write NEW as judged, each re-run benchmark replaced by its last re-measurement "
+        "(pytest-benchmark JSON; keep it as the next baseline)",
+    )
 
     ck = sub.add_parser(
         "check",

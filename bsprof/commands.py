@@ -461,7 +461,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "allow_busy": args.allow_busy,
     }
     if getattr(args, "rerun", None):
-        gate = compare_with_reruns(args.baseline, args.new, command=args.rerun, reruns=args.reruns, **judge)
+        gate = compare_with_reruns(
+            args.baseline, args.new, command=args.rerun, reruns=args.reruns, write_judged=args.write_judged, **judge
+        )
         comparisons, warnings = gate.comparisons, gate.warnings
         for r in gate.reruns:
             print(
@@ -470,6 +472,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 f"{len(r.still_busy)} still busy",
                 file=sys.stderr,
             )
+    elif getattr(args, "write_judged", None):
+        raise BadInput("--write-judged needs --rerun")
     else:
         comparisons, warnings = compare_paths(args.baseline, args.new, **judge)
     print_comparison(comparisons, threshold=threshold, alpha=args.alpha, mem_threshold=mem_threshold)

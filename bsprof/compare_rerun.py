@@ -20,10 +20,15 @@ benchmarks' names (pytest node ids for pytest-benchmark JSON, e.g.
 ``benchmarks/test_throughput.py::test_throughput[digits-mlp-B64]``), one argument each when ``{tests}`` stands
 alone. A command that cannot start, exits non-zero, writes no results or misses a re-run benchmark is
 :class:`~bsprof.errors.BadInput` (exit 2): the gate never passes on a re-run it could not make.
+
+``write_judged`` writes ``NEW`` as judged, each re-run benchmark's entry replaced by its last re-measurement
+(pytest-benchmark JSON only): the file the nightly job keeps as the next baseline, so a night that passed
+through its re-runs does not leave a busy baseline behind (a busy baseline is refused).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import subprocess
@@ -35,6 +40,7 @@ from pathlib import Path
 from bsprof.compare import Comparison, compare_results, environment_mismatch
 from bsprof.compare_inputs import Result, load_result
 from bsprof.errors import BadInput, BusyHost
+from bsprof.files import write_atomic
 
 __all__ = ["DEFAULT_RERUNS", "GateResult", "Rerun", "compare_with_reruns", "rerun_argv", "run_rerun"]
 
@@ -100,29 +106,44 @@ def rerun_argv(command: str, json_path: str | Path, tests: Sequence[str]) -> lis
     return argv
 
 
-def run_rerun(command: str, tests: Sequence[str]) -> Result:
-    """Run the suite ``command`` for ``tests`` and read what it wrote to ``{json}``.
+def run_rerun(command: str, tests: Sequence[str], out: Path) -> Result:
+    """Run the suite ``command`` for ``tests`` with ``{json}`` = ``out`` and read what it wrote there.
 
     The command's output is captured; on failure its last line is quoted.
 
     Raises:
         BadInput: The command cannot start, exits non-zero or writes no readable results.
     """
-    with tempfile.TemporaryDirectory(prefix="bsprof-rerun-") as tmp:
-        out = Path(tmp) / "rerun.json"
-        argv = rerun_argv(command, out, tests)
-        log.info("re-running %d benchmark(s): %s", len(tests), shlex.join(argv))
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        except OSError as e:
-            raise BadInput(f"--rerun: cannot run {argv[0]}: {e.strerror or e}") from None
-        if proc.returncode != 0:
-            lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
-            last = f": {lines[-1][:200]}" if lines else ""
-            raise BadInput(f"--rerun command failed (exit {proc.returncode}){last}")
-        if not out.is_file():
-            raise BadInput(f"--rerun command exited 0 but wrote no results to {{json}} ({shlex.join(argv)})")
-        return load_result(out)
+    argv = rerun_argv(command, out, tests)
+    log.info("re-running %d benchmark(s): %s", len(tests), shlex.join(argv))
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise BadInput(f"--rerun: cannot run {argv[0]}: {e.strerror or e}") from None
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
+        last = f": {lines[-1][:200]}" if lines else ""
+        raise BadInput(f"--rerun command failed (exit {proc.returncode}){last}")
+    if not out.is_file():
+        raise BadInput(f"--rerun command exited 0 but wrote no results to {{json}} ({shlex.join(argv)})")
+    return load_result(out)
+
+
+def _is_store(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(16).startswith(b"SQLite format 3")
+
+
+def _write_judged(new: Path, reruns: Sequence[tuple[Sequence[str], Path]], out: Path) -> None:
+    """``new`` (pytest-benchmark JSON) with each re-run benchmark's entry taken from its last re-run file."""
+    doc = json.loads(new.read_text(encoding="utf-8"))
+    latest: dict[str, dict[str, object]] = {}
+    for names, path in reruns:
+        entries = {b.get("fullname"): b for b in json.loads(path.read_text(encoding="utf-8"))["benchmarks"]}
+        latest.update({n: entries[n] for n in names})
+    doc["benchmarks"] = [latest.get(b.get("fullname"), b) for b in doc["benchmarks"]]
+    text = json.dumps(doc, indent=4)
+    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"), "--write-judged")
 
 
 def compare_with_reruns(
@@ -136,7 +157,8 @@ def compare_with_reruns(
     mem_threshold: float = 0.10,
     allow_env_mismatch: bool = False,
     allow_busy: bool = False,
-    run: Callable[[str, Sequence[str]], Result] = run_rerun,
+    write_judged: str | Path | None = None,
+    run: Callable[[str, Sequence[str], Path], Result] = run_rerun,
 ) -> GateResult:
     """Compare ``new`` with ``baseline``, re-running flagged benchmarks of ``new`` first (module docstring).
 
@@ -147,7 +169,8 @@ def compare_with_reruns(
         reruns: Most re-runs of the command (each re-runs every benchmark still flagged).
         threshold, alpha, mem_threshold, allow_env_mismatch, allow_busy: As for
             :func:`~bsprof.compare.compare_results`.
-        run: Runs the command for some benchmarks and reads its results (:func:`run_rerun`; tests swap it).
+        write_judged: Write ``new`` as judged here (module docstring); pytest-benchmark JSON only.
+        run: Runs the command for some benchmarks into a file and reads it (:func:`run_rerun`; tests swap it).
 
     Raises:
         BusyHost: The baseline, or a benchmark still busy after ``reruns`` re-runs, was measured on a busy
@@ -158,6 +181,8 @@ def compare_with_reruns(
         raise BadInput(f"--reruns must be >= 0, got {reruns}")
     rerun_argv(command, "{json}", [])  # a malformed command is refused before anything runs
     base_r, new_r = load_result(baseline), load_result(new)
+    if write_judged is not None and _is_store(Path(new)):
+        raise BadInput("--write-judged needs pytest-benchmark JSON results, not a store")
     if base_r.busy and not allow_busy:
         name, why = next(iter(base_r.busy.items()))
         raise BusyHost(
@@ -174,26 +199,32 @@ def compare_with_reruns(
     }
     remeasured: set[str] = set()
     done: list[Rerun] = []
-    for attempt in range(1, reruns + 1):
-        comparisons, _ = compare_results(base_r, new_r, allow_busy=True, **judge)  # type: ignore[arg-type]
-        regressed = {c.name for c in comparisons if c.verdict == "regression"}
-        flagged = sorted(set(new_r.busy) | (regressed - remeasured))
-        if not flagged:
-            break
-        again = run(command, flagged)
-        missing = [n for n in flagged if n not in again.status]
-        if missing:
-            raise BadInput(
-                f"--rerun: the command did not measure {missing[0]} ({len(missing)} of {len(flagged)} re-run "
-                "benchmark(s) missing from its results)"
-            )
-        mismatch = environment_mismatch(base_r, again)
-        if mismatch and not allow_env_mismatch:
-            raise BadInput(f"--rerun: the re-run's environment differs from the baseline's ({mismatch})")
-        busy_before = tuple(n for n in flagged if n in new_r.busy)
-        new_r = new_r.remeasured(flagged, again)
-        remeasured |= set(flagged)
-        done.append(Rerun(attempt, tuple(flagged), busy_before, tuple(n for n in flagged if n in new_r.busy)))
+    with tempfile.TemporaryDirectory(prefix="bsprof-rerun-") as tmp:
+        files: list[tuple[Sequence[str], Path]] = []
+        for attempt in range(1, reruns + 1):
+            comparisons, _ = compare_results(base_r, new_r, allow_busy=True, **judge)  # type: ignore[arg-type]
+            regressed = {c.name for c in comparisons if c.verdict == "regression"}
+            flagged = sorted(set(new_r.busy) | (regressed - remeasured))
+            if not flagged:
+                break
+            out = Path(tmp) / f"rerun{attempt}.json"
+            again = run(command, flagged, out)
+            files.append((flagged, out))
+            missing = [n for n in flagged if n not in again.status]
+            if missing:
+                raise BadInput(
+                    f"--rerun: the command did not measure {missing[0]} ({len(missing)} of {len(flagged)} re-run "
+                    "benchmark(s) missing from its results)"
+                )
+            mismatch = environment_mismatch(base_r, again)
+            if mismatch and not allow_env_mismatch:
+                raise BadInput(f"--rerun: the re-run's environment differs from the baseline's ({mismatch})")
+            busy_before = tuple(n for n in flagged if n in new_r.busy)
+            new_r = new_r.remeasured(flagged, again)
+            remeasured |= set(flagged)
+            done.append(Rerun(attempt, tuple(flagged), busy_before, tuple(n for n in flagged if n in new_r.busy)))
+        if write_judged is not None:
+            _write_judged(Path(new), files, Path(write_judged))
     if done:
         judge["busy_hint"] = f"still busy after {len(done)} re-run(s): run the suite on a quiet host or raise --reruns"
     comparisons, warnings = compare_results(base_r, new_r, allow_busy=allow_busy, **judge)  # type: ignore[arg-type]

@@ -158,9 +158,9 @@ def test_the_rerun_replaces_only_the_flagged_benchmarks(tmp_path: Path) -> None:
     new = _write(tmp_path / "new.json", a=(1.0, True), b=1.0)
     seen: list[list[str]] = []
 
-    def run(command: str, tests: Any) -> Any:
+    def run(command: str, tests: Any, out: Path) -> Any:
         seen.append(list(tests))
-        return load_result(_write(tmp_path / "again.json", a=2.0, b=5.0))
+        return load_result(_write(out, a=2.0, b=5.0))
 
     gate = compare_with_reruns(base, new, command="x {json}", run=run)
     assert seen == [[A]] and [r.still_busy for r in gate.reruns] == [()]
@@ -186,3 +186,23 @@ def test_the_gate_trial_reruns_the_suite_it_measured_with(monkeypatch: pytest.Mo
         measured = gate_trial.suite_argv("/t/o.json", opts, slowed=slowed)
         assert argv == [measured[0], *measured[1:3], A, B, *measured[4:]]  # the file's place taken by the node ids
         assert ("--bsprof-workload" in argv) == slowed
+
+
+def test_write_judged_keeps_the_remeasured_entries_as_the_next_baseline(tmp_path: Path, cli: Any) -> None:
+    """A night that passed through its re-runs leaves a quiet file behind: the next night can judge against it."""
+    suite = Suite(tmp_path, {"factor": 1.0, "busy": True}, {"factor": 1.0})
+    base, new = _write(tmp_path / "base.json"), _write(tmp_path / "new.json", a=(1.0, True), b=1.0)
+    judged = tmp_path / "judged.json"
+    r = _gate(cli, base, new, suite, "--write-judged", judged)
+    assert r.code == 0, r.out + r.err
+    entries = {b["fullname"]: b for b in json.loads(judged.read_text())["benchmarks"]}
+    before = {b["fullname"]: b for b in json.loads(new.read_text())["benchmarks"]}
+    assert entries[A]["extra_info"]["host_busy"] is False and entries[A] != before[A]  # the second re-run's
+    assert entries[B] == before[B]  # never re-run: as measured
+    assert cli("compare", judged, new, "--allow-busy").code == 0
+    assert cli("compare", judged, _write(tmp_path / "next.json")).code == 0  # not refused as a busy baseline
+
+
+def test_write_judged_needs_rerun(tmp_path: Path, cli: Any) -> None:
+    r = cli("compare", _write(tmp_path / "a.json"), _write(tmp_path / "b.json"), "--write-judged", tmp_path / "j.json")
+    assert r.code == 2 and "--write-judged needs --rerun" in r.err

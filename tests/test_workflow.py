@@ -93,6 +93,9 @@ def test_every_bsprof_command_parses_and_the_gate_compares_with_the_baseline(job
     rerun = shlex.split(compare.rerun)  # the gate re-runs flagged benchmarks with the suite's own command
     assert rerun[:3] == ["python", "-m", "pytest"] and "{tests}" in rerun and "{json}" in rerun
     assert "--benchmark-save-data" in rerun and "--benchmark-only" in rerun
+    assert compare.write_judged == "reports/bench.json"  # the kept baseline holds the figures judged
+    names = [s.get("name", "") for s in job["steps"]]
+    assert names.index("Upload the benchmark JSON") > next(i for i, n in enumerate(names) if n.startswith("Compare"))
     uploads = [s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@")]
     assert any(s["with"]["path"] == "reports/bench.json" for s in uploads)
     finder = next(s for s in job["steps"] if s.get("id") == "baseline")
