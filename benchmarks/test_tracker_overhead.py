@@ -1,44 +1,48 @@
-"""Tracker overhead: a user's training loop must run within 1% of its samples/s without bsprof's tracker.
+"""Tracker overhead (issue 14.3): a user's training loop keeps at least 99% of its samples/s with bsprof's tracker.
 
-The loop is the one of ``examples/train_digits.py`` (digits, ``Linear(64, 256) - ReLU - Linear(256, 10)``,
-SGD with Nesterov momentum, batches sliced from a permutation), written twice: once with nothing else in it,
-once with the tracker's calls a user adds (``tracker.step(samples=...)`` and ``tracker.should_stop()`` after
-every optimizer step). The tracker is a live one, writing its events to a temporary file, in either kind of
-trial: ``throughput`` (the block timer keeps timing blocks for the whole run: a counter per step, a clock
-read per ~20 ms block) or ``convergence`` (a clock read per step).
+The loop is the one of ``examples/train_digits.py`` (digits, ``Linear(64, 256) - ReLU - Linear(256, 10)``, SGD
+with Nesterov momentum, batches sliced from a permutation): the same training step, once alone and once followed
+by the tracker's calls a user adds (``tracker.step(samples=...)`` and ``tracker.should_stop()`` after every
+optimizer step). The tracker is a live one writing its events to a temporary file, in either kind of trial:
+``throughput`` (the block timer keeps timing blocks for the whole run: a counter per step, a clock read per
+~20 ms block) or ``convergence`` (a clock read per step). Batch 8 (the shortest step) is the worst case for
+per-step bookkeeping, batch 128 a typical one.
 
-Interleaving: the loops alternate chunk by chunk (~40 ms each) for ``TRIPLES`` triples (without, with,
-without again; each takes every position in turn); a shared host drifts between load regimes within seconds,
-and the three chunks of a triple see the same regime. A triple's ratio is (with tracker) over the geometric
-mean of its two chunks without. Batch 8 (a step of ~0.2 ms) is the worst case for per-step bookkeeping.
+Measurement (:mod:`bsprof.interleaved`): torch on one thread; chunks of ``CHUNK_S`` (~4 ms) of steps; ``BLOCKS``
+ABBA blocks of four chunks (without, with, with, without; then the mirror order) interleaved with as many A/A
+control blocks (without against without) in the same run. The figure is the median over blocks of the with /
+without samples/s ratio, with a percentile-bootstrap 95% interval; the control's interval shows how finely the
+run resolves a ratio. The verdict (:func:`~bsprof.interleaved.judge`) is taken on the intervals:
 
-The verdict is built for a noisy host, where single chunks swing by +-20% (other processes take the core):
-a 1% cost is far below one chunk's noise, so two figures are judged, both recorded in ``extra_info``:
+* **within 1%** (pass): the ratio's whole interval is at or above 0.99;
+* **beyond 1%** (fail): its whole interval is below 0.99, and the control says the run could tell;
+* **too noisy to judge** (skip, with the figures): the A/A control's interval reaches more than
+  ``RESOLUTION`` (0.5%) from 1, or the ratio's interval straddles 0.99.
 
-* ``tracker_step_fraction``: the tracker's own cost per step measured in isolation (20,000 calls to
-  ``step`` and ``should_stop`` timed alone) over the loop's step time; it hardly depends on the host's
-  load, and must be below ``TOLERANCE``;
-* ``ratio`` with its distribution-free 95% interval (``ratio_ci_low``, ``ratio_ci_high``, from the order
-  statistics of the per-triple ratios), against the A/A control (``control_ratio``: the loop without the
-  tracker against itself, in the same triples, with its interval): the ratio's upper end must reach the
-  control's lower end (or 1, if lower) minus ``TOLERANCE``. The test fails when the measurement shows the
-  tracker slower by more than 1% beyond what the host's noise does to identical loops at that moment, and
-  not merely when the host is too noisy to resolve 1%; the intervals' widths say how finely it resolved
-  (on the 2-core CI host shared with other jobs, +-3-6%: there only the isolated cost resolves 1%).
+The host's counters are read between blocks (:class:`~bsprof.engine.host_load.HostWindow`); a measurement on a
+busy host is made again, up to ``ATTEMPTS`` times, then skipped ("host busy: <why>"), never failed.
 
-Also recorded, not judged: ``ratio_best``, the ratio at the 90th percentile of the chunks'
-samples/s (interference only slows chunks down, so the fastest ones approach the code's cost).
+Also reported: the tracker's isolated cost per step in microseconds (``ISOLATED_CALLS`` calls of ``step`` and
+``should_stop`` timed alone, minus the same empty loop; the best of ``ISOLATED_REPEATS``), its cost right after
+a training step (the same two calls timed after each of ``IN_LOOP_STEPS`` steps: 3-4x the isolated figure, its
+code and data cold in the caches the step used), and both as fractions of the loop's step. The interleaved
+ratio is the figure that counts: it also holds whatever the tracker's calls do to the steps around them.
 
-torch runs on one thread here (restored afterwards), as in the other overhead benchmarks.
-
-Run: ``python -m pytest benchmarks/test_tracker_overhead.py --benchmark-only``.
+Run with the suite: ``python -m pytest benchmarks/test_tracker_overhead.py --benchmark-only -s``; or standalone
+(one line per case, exit code 0 within, 1 beyond, 3 not judged): ``python benchmarks/test_tracker_overhead.py``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import statistics
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +50,28 @@ import pytest
 import torch
 from torch import nn
 
+from bsprof.engine.host_load import HostWindow, QuietMeasurement, measure_on_quiet_host
 from bsprof.engine.script_protocol import TrialOrder
+from bsprof.interleaved import judge, paired_ratio, run_interleaved
 from bsprof.tracker import Tracker
 from bsprof.workloads.digits import digits_splits
 
-TRIPLES = 120
-CHUNK_S = 0.04
-WARMUP_STEPS = 50
+BLOCKS = 400
+CHUNK_S = 0.004
+MARK_EVERY_S = 0.5
+WARMUP_S = 0.5
 ISOLATED_CALLS = 20_000
+ISOLATED_REPEATS = 7
+IN_LOOP_STEPS = 1000
+ATTEMPTS = 3
 TOLERANCE = 0.01
+RESOLUTION = 0.005
+KINDS = ("throughput", "convergence")
+BATCH_SIZES = (8, 128)
 
 
 class _Loop:
-    """The example script's training loop, without and with the tracker's two calls per step."""
+    """The example script's training step, and chunks of it without and with the tracker's two calls."""
 
     def __init__(self, batch_size: int) -> None:
         train = digits_splits()[0]
@@ -66,39 +79,51 @@ class _Loop:
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-        self.order = torch.cat(
-            [torch.randperm(len(self.y), generator=torch.Generator().manual_seed(e)) for e in range(4)]
-        )
+        generator = torch.Generator().manual_seed(0)
+        self.order = torch.cat([torch.randperm(len(self.y), generator=generator) for _ in range(4)])
         self.b = batch_size
         self.pos = 0
+        self.steps = 1
 
-    def _batch(self) -> torch.Tensor:
+    def step(self) -> int:
+        """One optimizer step on the next batch; returns its samples."""
         if self.pos + self.b > self.order.numel():
             self.pos = 0
         idx = self.order[self.pos : self.pos + self.b]
         self.pos += self.b
-        return idx
+        loss = nn.functional.cross_entropy(self.model(self.x[idx]), self.y[idx])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return len(idx)
 
-    def plain(self, steps: int) -> None:
-        model, opt, x, y = self.model, self.opt, self.x, self.y
-        for _ in range(steps):
-            idx = self._batch()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    def plain(self) -> None:
+        """One chunk without the tracker."""
+        step = self.step
+        for _ in range(self.steps):
+            step()
 
-    def tracked(self, steps: int, tracker: Tracker) -> None:
-        model, opt, x, y = self.model, self.opt, self.x, self.y
-        for _ in range(steps):
-            idx = self._batch()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tracker.step(samples=len(idx))
+    def tracked(self, tracker: Tracker) -> None:
+        """One chunk with the tracker's calls after every step."""
+        step = self.step
+        for _ in range(self.steps):
+            tracker.step(samples=step())
             if tracker.should_stop():
                 break
+
+    def calibrate(self, chunk_s: float, warmup_s: float) -> float:
+        """Warm up for ``warmup_s`` seconds, size a chunk to ``chunk_s``; returns the seconds of one step."""
+        end = time.perf_counter() + warmup_s
+        n = 0
+        while time.perf_counter() < end or n < 20:
+            self.step()
+            n += 1
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        step_s = (time.perf_counter() - t0) / n
+        self.steps = max(1, round(chunk_s / step_s))
+        return step_s
 
 
 def _tracker(kind: str, report: Path, batch_size: int) -> Tracker:
@@ -109,91 +134,163 @@ def _tracker(kind: str, report: Path, batch_size: int) -> Tracker:
 
 
 def _isolated_step_s(kind: str, report: Path, batch_size: int) -> float:
+    """The tracker's own seconds per step: its two calls in a loop, minus the same loop empty (best of repeats)."""
     tracker = _tracker(kind, report, batch_size)
-    t0 = time.perf_counter()
-    for _ in range(ISOLATED_CALLS):
-        tracker.step(samples=batch_size)
+    best = math.inf
+    for _ in range(ISOLATED_REPEATS):
+        t0 = time.perf_counter()
+        for _ in range(ISOLATED_CALLS):
+            pass
+        empty = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(ISOLATED_CALLS):
+            tracker.step(samples=batch_size)
+            tracker.should_stop()
+        best = min(best, (time.perf_counter() - t0 - empty) / ISOLATED_CALLS)
+    tracker.close()
+    return best
+
+
+def _in_loop_step_s(loop: _Loop, tracker: Tracker, steps: int = IN_LOOP_STEPS) -> float:
+    """The tracker's seconds per step where users pay them, right after a training step (its code and data cold
+    in the caches, unlike in :func:`_isolated_step_s`): the median of its two calls timed after each step, minus
+    the median of the same clock pair with nothing between."""
+    clock = time.perf_counter
+    calls, empty = [], []
+    for _ in range(steps):
+        samples = loop.step()
+        t0 = clock()
+        t1 = clock()
+        tracker.step(samples=samples)
         tracker.should_stop()
-    cost = (time.perf_counter() - t0) / ISOLATED_CALLS
-    tracker.close()
-    return cost
+        t2 = clock()
+        empty.append(t1 - t0)
+        calls.append(t2 - t1)
+    return statistics.median(calls) - statistics.median(empty)
 
 
-def _compare(kind: str, batch_size: int, tmp: Path) -> dict[str, Any]:
+def _compare(kind: str, batch_size: int, folder: Path, host: HostWindow, blocks: int) -> dict[str, Any]:
     loop = _Loop(batch_size)
-    tracker = _tracker(kind, tmp / f"{kind}-{batch_size}.jsonl", batch_size)
-    loop.plain(WARMUP_STEPS)
-    loop.tracked(WARMUP_STEPS, tracker)
+    tracker = _tracker(kind, folder / f"{kind}-{batch_size}.jsonl", batch_size)
+    step_s = loop.calibrate(CHUNK_S, WARMUP_S)
+    loop.tracked(tracker)  # the tracker's first calls (device resolution, the timer's warm-up) outside the blocks
+    mark_every = max(1, round(MARK_EVERY_S / (8 * loop.steps * step_s)))  # a test and a control block: 8 chunks
+
+    def between(block: int) -> None:
+        if block % mark_every == mark_every - 1:
+            host.mark()  # the host's counters, every ~MARK_EVERY_S, outside the timed chunks
+
     t0 = time.perf_counter()
-    loop.plain(WARMUP_STEPS)
-    step_s = (time.perf_counter() - t0) / WARMUP_STEPS
-    chunk = max(1, round(CHUNK_S / step_s))
-    ratios: list[float] = []
-    control: list[float] = []
-    plain_rates: list[float] = []
-    tracked_rates: list[float] = []
-    sides = ("plain", "tracked", "plain again")
-    for i in range(TRIPLES):
-        rate = {}
-        for side in sides[i % 3 :] + sides[: i % 3]:  # each side first, second and third in turn
-            t0 = time.perf_counter()
-            loop.tracked(chunk, tracker) if side == "tracked" else loop.plain(chunk)
-            rate[side] = chunk * batch_size / (time.perf_counter() - t0)
-        plain_rates.append(rate["plain"])
-        tracked_rates.append(rate["tracked"])
-        # against both loops without the tracker of the same triple: a lucky or unlucky chunk of one of them
-        # moves the ratio half as much, and the control alone shows it
-        ratios.append(rate["tracked"] / math.sqrt(rate["plain"] * rate["plain again"]))
-        control.append(rate["plain again"] / rate["plain"])
+    runs = run_interleaved(loop.plain, lambda: loop.tracked(tracker), blocks=blocks, between=between)
+    seconds = time.perf_counter() - t0
+    in_loop = _in_loop_step_s(loop, tracker)
     tracker.close()
-    isolated = _isolated_step_s(kind, tmp / f"{kind}-{batch_size}-isolated.jsonl", batch_size)
-    q = statistics.quantiles(ratios, n=4, method="inclusive")
-    plain_median = statistics.median(plain_rates)
-    low, high = _median_ci(ratios)
-    p90 = [statistics.quantiles(r, n=10, method="inclusive")[8] for r in (tracked_rates, plain_rates)]
+    test = paired_ratio(runs.test_a_s, runs.test_b_s)
+    control = paired_ratio(runs.control_a_s, runs.control_b_s, seed=1)
+    verdict = judge(test, control, tolerance=TOLERANCE, resolution=RESOLUTION)
+    isolated = _isolated_step_s(kind, folder / f"{kind}-{batch_size}-isolated.jsonl", batch_size)
+    chunk_samples = loop.steps * batch_size
     return {
         "kind": kind,
         "batch_size": batch_size,
-        "triples": TRIPLES,
-        "steps_per_chunk": chunk,
+        "blocks": blocks,
+        "steps_per_chunk": loop.steps,
+        "seconds": seconds,
         "torch_threads": torch.get_num_threads(),
-        "plain_samples_per_s": plain_median,
-        "tracked_samples_per_s": statistics.median(tracked_rates),
-        "ratio": statistics.median(ratios),
-        "ratio_p25": q[0],
-        "ratio_p75": q[2],
-        "ratio_ci_low": low,
-        "ratio_ci_high": high,
-        "ratio_best": p90[0] / p90[1],
-        "control_ratio": statistics.median(control),
-        "control_ci_low": _median_ci(control)[0],
-        "control_ci_high": _median_ci(control)[1],
-        "tracker_step_s": isolated,
-        "tracker_step_fraction": isolated * plain_median / batch_size,
+        "step_s": step_s,
+        "plain_samples_per_s": 2 * chunk_samples / statistics.median(runs.test_a_s),  # two chunks a block
+        "tracked_samples_per_s": 2 * chunk_samples / statistics.median(runs.test_b_s),
+        "ratio": test.median,
+        "ratio_ci_low": test.ci_low,
+        "ratio_ci_high": test.ci_high,
+        "control_ratio": control.median,
+        "control_ci_low": control.ci_low,
+        "control_ci_high": control.ci_high,
+        "tracker_step_us": isolated * 1e6,
+        "tracker_step_fraction": isolated / step_s,
+        "tracker_in_loop_step_us": in_loop * 1e6,
+        "tracker_in_loop_fraction": in_loop / step_s,
         "tolerance": TOLERANCE,
+        "resolution": RESOLUTION,
+        "verdict": verdict.outcome,
+        "verdict_reason": verdict.reason,
     }
 
 
-def _median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
-    """Distribution-free ~95% interval of the median: order statistics n/2 -+ z*sqrt(n)/2 (binomial ranks)."""
-    v = sorted(values)
-    n = len(v)
-    half = z * n**0.5 / 2
-    return v[max(0, int(n / 2 - half))], v[min(n - 1, int(n / 2 + half + 1))]
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("kind", ["throughput", "convergence"])
-@pytest.mark.parametrize("batch_size", [8, 128], ids=["digits-script-B8", "digits-script-B128"])
-def test_tracker_overhead(benchmark: Any, torch_threads: int, tmp_path: Path, kind: str, batch_size: int) -> None:
-    out = benchmark.pedantic(_compare, args=(kind, batch_size, tmp_path), rounds=1, iterations=1)
-    benchmark.extra_info.update(out)
-    summary = (
-        f"{kind} B={batch_size}: with tracker {out['tracked_samples_per_s']:.0f} samples/s, without "
-        f"{out['plain_samples_per_s']:.0f} (median ratio {out['ratio']:.4f}, 95% CI {out['ratio_ci_low']:.4f}-"
-        f"{out['ratio_ci_high']:.4f}; A/A control {out['control_ratio']:.4f}, CI {out['control_ci_low']:.4f}-"
-        f"{out['control_ci_high']:.4f}; fastest chunks {out['ratio_best']:.4f}); the tracker alone costs "
-        f"{out['tracker_step_s'] * 1e6:.2f} us per step ({out['tracker_step_fraction']:.3%} of a step)"
+def measure(kind: str, batch_size: int, folder: Path, *, blocks: int = BLOCKS) -> QuietMeasurement[dict[str, Any]]:
+    """One case on a quiet host (re-measured while busy, ``ATTEMPTS`` in all); torch on one thread meanwhile."""
+    with _one_thread():
+        return measure_on_quiet_host(
+            lambda host: _compare(kind, batch_size, folder, host, blocks), attempts=ATTEMPTS, threads=1
+        )
+
+
+def summary(measured: QuietMeasurement[dict[str, Any]]) -> str:
+    """One line: the case, both speeds, the ratio and control with their intervals, the isolated cost, the verdict."""
+    o = measured.value
+    host = f"host busy: {measured.busy_reason}" if measured.busy_reason else "host quiet"
+    return (
+        f"{o['kind']} B={o['batch_size']}: with tracker {o['tracked_samples_per_s']:.0f} samples/s, without "
+        f"{o['plain_samples_per_s']:.0f}; ratio {o['ratio']:.4f} (95% CI {o['ratio_ci_low']:.4f}-"
+        f"{o['ratio_ci_high']:.4f}), A/A control {o['control_ratio']:.4f} (CI {o['control_ci_low']:.4f}-"
+        f"{o['control_ci_high']:.4f}); tracker alone {o['tracker_step_us']:.2f} us per step, "
+        f"{o['tracker_in_loop_step_us']:.2f} us right after a training step ({o['tracker_step_fraction']:.3%} and "
+        f"{o['tracker_in_loop_fraction']:.3%} of a {o['step_s'] * 1e6:.0f} us step); {o['blocks']} blocks of "
+        f"{o['steps_per_chunk']}-step chunks in {o['seconds']:.1f} s; {host} ({measured.attempts} attempt(s)); "
+        f"verdict: {o['verdict_reason']}"
     )
-    print(summary)
-    assert out["tracker_step_fraction"] < TOLERANCE, summary
-    assert out["ratio_ci_high"] >= min(1.0, out["control_ci_low"]) - TOLERANCE, summary
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=[f"digits-script-B{b}" for b in BATCH_SIZES])
+def test_tracker_overhead(benchmark: Any, tmp_path: Path, kind: str, batch_size: int) -> None:
+    measured = benchmark.pedantic(measure, args=(kind, batch_size, tmp_path), rounds=1, iterations=1)
+    out = measured.value
+    benchmark.extra_info.update(out)
+    benchmark.extra_info.update(
+        attempts=measured.attempts, host_busy=measured.busy_reason is not None, host_busy_reasons=measured.busy_reasons
+    )
+    line = summary(measured)
+    print(line)
+    if measured.busy_reason is not None:  # only a measurement on a quiet host may fail the verdict
+        pytest.skip(f"host busy: {measured.busy_reason} ({measured.attempts} attempt(s))")
+    if out["verdict"] == "unresolved":
+        pytest.skip(out["verdict_reason"])
+    assert out["verdict"] == "within", line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone: every case (or the chosen ones), one line each, and optionally a JSON file of the figures."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--kind", choices=KINDS, action="append", help="default: both")
+    p.add_argument("--batch-size", type=int, action="append", help="default: 8 and 128")
+    p.add_argument("--blocks", type=int, default=BLOCKS, help=f"ABBA test blocks per case (default: {BLOCKS})")
+    p.add_argument("--json", metavar="FILE", help="write every case's figures here")
+    args = p.parse_args(argv)
+    outcomes, figures = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.kind or KINDS:
+            for batch_size in args.batch_size or BATCH_SIZES:
+                measured = measure(kind, batch_size, Path(tmp), blocks=args.blocks)
+                print(summary(measured), flush=True)
+                outcomes.append("busy" if measured.busy_reason else measured.value["verdict"])
+                figures.append({**measured.value, "host_busy_reason": measured.busy_reason})
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    if "beyond" in outcomes:
+        return 1
+    return 0 if all(o == "within" for o in outcomes) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

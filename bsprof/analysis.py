@@ -27,6 +27,7 @@ __all__ = [
     "Fits",
     "NoiseScaleFit",
     "add_scaling",
+    "bootstrap_median_ci",
     "convergence_analysis",
     "convergence_table",
     "fit_groups",
@@ -210,9 +211,9 @@ def median_to_target(values: Iterable[Any], reached: Iterable[bool] | None = Non
     return float(np.median(v)) if len(v) else math.nan
 
 
-def _bootstrap_median_ci(values: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
-    import numpy as np
-
+def bootstrap_median_ci(values: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the median of ``values``: the 2.5% and 97.5% quantiles of the medians
+    of ``n_boot`` resamples drawn with ``rng`` (NaN for no value, the value itself for one)."""
     if len(values) == 0:
         return math.nan, math.nan
     if len(values) == 1:
@@ -270,7 +271,7 @@ def convergence_analysis(trials: pd.DataFrame, *, n_boot: int = 2000, seed: int 
         for col in _TO_TARGET:
             vals = to_target_values(pd.to_numeric(g[col], errors="coerce"), reached=ok)
             row[col] = float(np.median(vals)) if len(vals) else math.nan
-            row[f"{col}_ci_low"], row[f"{col}_ci_high"] = _bootstrap_median_ci(vals, rng, n_boot)
+            row[f"{col}_ci_low"], row[f"{col}_ci_high"] = bootstrap_median_ci(vals, rng, n_boot)
         for col in ("final_train_metric", "final_val_metric", "epochs_to_target"):
             row[col] = float(pd.to_numeric(g.loc[ok, col], errors="coerce").median()) if ok.any() else math.nan
         row["generalization_gap"] = row["final_train_metric"] - row["final_val_metric"]

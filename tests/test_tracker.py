@@ -165,3 +165,21 @@ def test_block_timer_interrupt_keeps_evaluations_out_of_the_blocks() -> None:
     assert times is not None and timer.interrupted_blocks > 0
     assert set(times.block_times_s) == {0.25}  # 2 steps of 0.125 s; no block holds an evaluation
     assert times.warmup_steps < 40  # the warm-up (untimed) was not restarted by the evaluations
+
+
+@pytest.mark.parametrize(("world_size", "agrees"), [(None, False), ("1", False), ("2", True)])
+def test_should_stop_agrees_across_ranks_only_when_there_are_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, world_size: str | None, agrees: bool
+) -> None:
+    import bsprof.tracker as tracker_module
+
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    asked: list[bool] = []
+    monkeypatch.setattr(tracker_module, "_agree", lambda flag: asked.append(flag) or True)  # a peer wants to stop
+    tracker = Tracker(_order(tmp_path, patience=1), clock=Fake().clock, sync=lambda: None, install_hooks=False)
+    assert tracker.should_stop() is agrees  # one process: its own flag, no call into torch.distributed per step
+    assert asked == ([False] if agrees else [])
+    tracker.close()
