@@ -470,13 +470,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except BsprofError as e:
         print(f"bsprof {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("bsprof: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if code == 130:
+        _interrupt_handled()
+    return code
+
+
+def _interrupt_handled() -> None:
+    """Make ``python -m bsprof.cli`` exit 130 after a Ctrl-C it handled, not by the signal (-2).
+
+    CPython remembers a ``KeyboardInterrupt`` that ended a string ``exec``/``eval``
+    (``_PyRuntime.signals.unhandled_keyboard_interrupt``, set in ``run_eval_code_obj``) even when a caller caught
+    it, and under ``python -m`` ``Py_RunMain`` then re-sends SIGINT to the process instead of exiting with the
+    code returned. A Ctrl-C lands in such an ``exec`` now and then (``dataclasses`` and ``namedtuple`` build their
+    methods with one, e.g. in a module imported lazily during a trial). Any string eval that ends normally resets
+    the flag, so one is run here, after the interrupt was handled. (The ``bsprof`` console script runs as a file
+    and is not affected.)
+    """
+    exec("None")  # a string, not a code object: only the string path resets the flag
 
 
 if __name__ == "__main__":

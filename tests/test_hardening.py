@@ -7,10 +7,12 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -242,25 +244,81 @@ def test_sampler_process_ignores_ctrl_c() -> None:
         assert rows
 
 
+def test_ctrl_c_while_the_sampler_process_starts_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT was ignored in the sweep's process while the sampler child started: a Ctrl-C then was dropped."""
+    from bsprof.engine import sampler_process
+    from bsprof.engine.sampler_process import SamplerProcess
+
+    start = sampler_process._start_without_main
+
+    def start_then_ctrl_c(proc: object) -> None:
+        start(proc)
+        os.kill(os.getpid(), signal.SIGINT)  # pressed while the child is being started
+
+    monkeypatch.setattr(sampler_process, "_start_without_main", start_then_ctrl_c)
+    sampler = SamplerProcess()
+    with pytest.raises(KeyboardInterrupt):
+        sampler.start_window(time.perf_counter(), 0.01, ("", {}))
+        time.sleep(1.0)  # the interrupt is raised at the latest here
+    assert sampler.pid is not None
+    child = sampler.pid
+    sampler.close()
+    assert not _alive(child), "the child outlived close()"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.slow
-def test_ctrl_c_during_a_sweep_prints_no_traceback(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "bsprof.cli", "sweep", "-w", "tests/fixtures/slow.py:factory", "-b", "1,2,4",
+@pytest.mark.parametrize("workload", ["factory", "in_exec"])
+def test_ctrl_c_during_a_sweep_exits_130_with_one_line_and_keeps_finished_trials(tmp_path: Path, workload: str) -> None:
+    """``in_exec`` sleeps inside a string ``exec``, where CPython remembers the interrupt even though bsprof
+    handles it: ``python -m`` then used to exit by the signal (-2) instead of 130 (now and then with ``factory``,
+    when the Ctrl-C landed in code ``dataclasses``/``namedtuple`` run that way; every time with ``in_exec``)."""
+    store = tmp_path / "s.db"
+    args = [sys.executable, "-m", "bsprof.cli", "sweep", "-w", f"tests/fixtures/slow.py:{workload}", "-b", "1,2,4",
             "--kind", "throughput", "--seeds", "1", "--repeats", "3", "--min-time", "0.2", "--min-steps", "1",
-            "--store", str(tmp_path / "s.db")]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not (tmp_path / "s.db").exists():
-        time.sleep(0.1)
-    time.sleep(3.0)  # in the middle of a trial, with the sampler process running
+            "--store", str(store)]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
+    lines: list[str] = []
+    first_done = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if re.search(r"\[1/9\] throughput .*: ok", line):
+                first_done.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert first_done.wait(180), "\n".join(lines)
+    time.sleep(0.5)  # in the middle of the second trial, with the sampler process running
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
-    _, err = proc.communicate(timeout=60)
-    # 130 is the documented code; one run in several here ended by the signal itself (-2) after printing the
-    # same one line (not understood yet: reported as open in the issue); what a person sees is asserted below.
-    assert proc.returncode in (130, -signal.SIGINT), err
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "\n".join(lines)
+    assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "sampler process failed" not in err, err
-    assert "interrupted" in err.strip().splitlines()[-1]
+    assert lines[-1] == "bsprof: interrupted; finished trials are stored, run the same command to resume", err
+    finished = [line for line in lines if re.search(r"\[\d+/9\] throughput .*: ok", line)]
+    with Store(store) as s:
+        rows = s.trial_rows()
+    assert finished and len(rows) >= len(finished), (len(rows), err)  # every trial said finished is stored
+    assert {r["status"] for r in rows} == {"ok"}  # the interrupted one is not stored as an error
+
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so Python installs its handler even when this test
+    runs in a shell's background job (which ignores SIGINT, and an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # --- trial errors ----------------------------------------------------------------------------------------------

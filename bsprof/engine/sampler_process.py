@@ -71,8 +71,11 @@ def _sampler_main(conn: Any, parent_pid: int) -> None:
 
     Ctrl-C is the parent's to handle: the child ignores SIGINT (the terminal sends it to the whole process
     group), so it neither prints a ``KeyboardInterrupt`` traceback nor dies under the parent; the parent
-    ends it (``exit`` message, closed pipe, or as a daemon when the parent exits)."""
+    ends it (``exit`` message, closed pipe, or as a daemon when the parent exits). The child starts with SIGINT
+    blocked (:func:`_sigint_held`): ignoring it first discards one that arrived meanwhile, then it is unblocked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     host = HostSampler(pid=parent_pid)
     while True:
         try:
@@ -147,19 +150,19 @@ def _start_without_main(proc: Any) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored in this process while a child is started (so the child starts ignoring it, before its
-    own code runs); a no-op outside the main thread, where signal handlers cannot be changed."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
+def _sigint_held() -> Iterator[None]:
+    """SIGINT blocked in this thread while a child is started: the child inherits the block and ignores SIGINT
+    before it unblocks it (:func:`_sampler_main`), and a Ctrl-C pressed meanwhile stays pending here and
+    reaches this process when the block ends (ignoring SIGINT instead would lose it). A no-op where
+    ``signal.pthread_sigmask`` does not exist (Windows)."""
+    if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class SamplerProcess:
@@ -199,10 +202,13 @@ class SamplerProcess:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_sampler_main, args=(child, os.getpid()), name="bsprof-sampler", daemon=True)
-        with _sigint_ignored():  # inherited by the child from its first instruction (see _sampler_main)
-            _start_without_main(proc)
-        child.close()
-        self._proc, self._conn = proc, parent
+        try:
+            with _sigint_held():  # inherited by the child from its first instruction (see _sampler_main)
+                _start_without_main(proc)
+        finally:  # also when a Ctrl-C held during the start arrives here: close() then ends the child
+            child.close()
+            if proc.pid is not None:
+                self._proc, self._conn = proc, parent
 
     def _wait(self, timeout_s: float) -> Any:
         try:
