@@ -280,3 +280,20 @@ def test_a_data_parallel_trial_whose_rank_dies_is_stored_as_error_with_its_exit_
     assert len(rows) == 1
     assert rows[0]["status"] == "error"
     assert "rank 1 failed (exit code 3)" in rows[0]["error"]
+
+
+def test_cli_script_sweep_through_ray(local_ray: Any, cli: Any, fast_timing: None, tmp_path: Path) -> None:
+    """``bsprof sweep --cmd ... --executor ray``: the plan is printed, the trial runs in a task, the driver
+    stores it, and its log lies under the store's folder."""
+    db = tmp_path / "s.db"
+    command = f"{shlex.quote(sys.executable)} {SCRIPT} {{batch_size}} {{seed}}"
+    result = cli(
+        "sweep", "--cmd", command, "-b", "4", "--seeds", "1", "--kind", "throughput", "--executor", "ray",
+        "--store", db, *FAST,
+    )  # fmt: skip
+    assert result.code == 0, result.err[-2000:]
+    assert "script trials (the command runs in the task)" in result.err
+    with Store(db) as store:
+        (row,) = store.trial_rows()
+    assert row["status"] == "ok" and row["samples_per_s"] > 0
+    assert Path(row["extra"]["script_log"]).is_relative_to(tmp_path / "script-logs")
