@@ -3,9 +3,10 @@
 The loop is the one of ``examples/train_digits.py`` (digits, ``Linear(64, 256) - ReLU - Linear(256, 10)``, SGD
 with Nesterov momentum, batches sliced from a permutation): the same training step, once alone and once followed
 by the tracker's calls a user adds (``tracker.step(samples=...)`` and ``tracker.should_stop()`` after every
-optimizer step). The tracker is a live one writing its events to a temporary file, in either kind of trial:
-``throughput`` (the block timer keeps timing blocks for the whole run: a counter per step, a clock read per
-~20 ms block) or ``convergence`` (a clock read per step). Batch 8 (the shortest step) is the worst case for
+optimizer step). The tracker is a live one writing its events to a temporary file, in either kind of trial, as
+a sweep configures it (default timing): ``throughput`` (warm-up, calibration, then a counter per step and a clock
+read per ~20 ms block until the 1 s window is complete; a new trial's tracker then starts, between blocks) or
+``convergence`` (a clock read per step, for the whole run). Batch 8 (the shortest step) is the worst case for
 per-step bookkeeping, batch 128 a typical one.
 
 Measurement (:mod:`bsprof.interleaved`): torch on one thread; chunks of ``CHUNK_S`` (~4 ms) of steps; ``BLOCKS``
@@ -43,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ from torch import nn
 
 from bsprof.engine.host_load import HostWindow, QuietMeasurement, measure_on_quiet_host
 from bsprof.engine.script_protocol import TrialOrder
+from bsprof.engine.timing import TimingSettings
 from bsprof.interleaved import judge, paired_ratio, run_interleaved
 from bsprof.tracker import Tracker
 from bsprof.workloads.digits import digits_splits
@@ -84,6 +87,7 @@ class _Loop:
         self.b = batch_size
         self.pos = 0
         self.steps = 1
+        self.stops = 0
 
     def step(self) -> int:
         """One optimizer step on the next batch; returns its samples."""
@@ -104,12 +108,13 @@ class _Loop:
             step()
 
     def tracked(self, tracker: Tracker) -> None:
-        """One chunk with the tracker's calls after every step."""
+        """One chunk with the tracker's calls after every step (the same steps as :meth:`plain`: where a script
+        would leave its loop, the chunk goes on, and a new trial starts between blocks)."""
         step = self.step
         for _ in range(self.steps):
             tracker.step(samples=step())
             if tracker.should_stop():
-                break
+                self.stops += 1
 
     def calibrate(self, chunk_s: float, warmup_s: float) -> float:
         """Warm up for ``warmup_s`` seconds, size a chunk to ``chunk_s``; returns the seconds of one step."""
@@ -126,16 +131,41 @@ class _Loop:
         return step_s
 
 
-def _tracker(kind: str, report: Path, batch_size: int) -> Tracker:
-    # a timed window that never completes: the block timer keeps working for the whole run
-    timing = {"warmup_steps": 5, "warmup_s": 0.0, "min_time_s": 1e9, "min_steps": 10**9}
-    order = TrialOrder(str(report), "digits", kind, batch_size=batch_size, seed=0, lr=0.01, timing=timing, target=2.0)
+def _tracker(kind: str, report: Path, batch_size: int, timing: TimingSettings) -> Tracker:
+    # convergence: a target no accuracy reaches, so the tracker reads the clock after every step throughout
+    order = TrialOrder(str(report), "digits", kind, batch_size=batch_size, seed=0, lr=0.01, timing=asdict(timing),
+                       target=2.0)  # fmt: skip
     return Tracker(order, device="cpu", install_hooks=False)
 
 
+class _Trials:
+    """Consecutive trials of one kind, as a sweep runs them: the sweep's default timing (a throughput window of
+    ``min_time_s`` after warm-up and calibration), and a new trial's tracker once the last one's window is
+    complete, started between blocks, outside the timed chunks."""
+
+    def __init__(self, kind: str, folder: Path, batch_size: int) -> None:
+        self.kind, self.folder, self.batch_size = kind, folder, batch_size
+        self.started = 0
+        self.tracker = self._start()
+
+    def _start(self) -> Tracker:
+        self.started += 1
+        report = self.folder / f"{self.kind}-B{self.batch_size}-{self.started}.jsonl"
+        return _tracker(self.kind, report, self.batch_size, TimingSettings())
+
+    def next_if_done(self) -> None:
+        if self.tracker.should_stop():
+            self.tracker.close()
+            self.tracker = self._start()
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
 def _isolated_step_s(kind: str, report: Path, batch_size: int) -> float:
-    """The tracker's own seconds per step: its two calls in a loop, minus the same loop empty (best of repeats)."""
-    tracker = _tracker(kind, report, batch_size)
+    """The tracker's own seconds per step: its two calls in a loop, minus the same loop empty (best of repeats);
+    its throughput window never completes, and its counting between clock reads is what is timed."""
+    tracker = _tracker(kind, report, batch_size, TimingSettings(warmup_s=0.0, min_time_s=1e9, min_steps=10**9))
     best = math.inf
     for _ in range(ISOLATED_REPEATS):
         t0 = time.perf_counter()
@@ -169,22 +199,23 @@ def _in_loop_step_s(loop: _Loop, tracker: Tracker, steps: int = IN_LOOP_STEPS) -
     return statistics.median(calls) - statistics.median(empty)
 
 
-def _compare(kind: str, batch_size: int, folder: Path, host: HostWindow, blocks: int) -> dict[str, Any]:
+def _compare(kind: str, batch_size: int, folder: Path, host: HostWindow, blocks: int, chunk_s: float) -> dict[str, Any]:
     loop = _Loop(batch_size)
-    tracker = _tracker(kind, folder / f"{kind}-{batch_size}.jsonl", batch_size)
-    step_s = loop.calibrate(CHUNK_S, WARMUP_S)
-    loop.tracked(tracker)  # the tracker's first calls (device resolution, the timer's warm-up) outside the blocks
+    trials = _Trials(kind, folder, batch_size)
+    step_s = loop.calibrate(chunk_s, WARMUP_S)
+    loop.tracked(trials.tracker)  # the tracker's first calls (device resolution) outside the blocks
     mark_every = max(1, round(MARK_EVERY_S / (8 * loop.steps * step_s)))  # a test and a control block: 8 chunks
 
-    def between(block: int) -> None:
+    def between(block: int) -> None:  # outside the timed chunks
+        trials.next_if_done()
         if block % mark_every == mark_every - 1:
-            host.mark()  # the host's counters, every ~MARK_EVERY_S, outside the timed chunks
+            host.mark()  # the host's counters, every ~MARK_EVERY_S
 
     t0 = time.perf_counter()
-    runs = run_interleaved(loop.plain, lambda: loop.tracked(tracker), blocks=blocks, between=between)
+    runs = run_interleaved(loop.plain, lambda: loop.tracked(trials.tracker), blocks=blocks, between=between)
     seconds = time.perf_counter() - t0
-    in_loop = _in_loop_step_s(loop, tracker)
-    tracker.close()
+    in_loop = _in_loop_step_s(loop, trials.tracker)
+    trials.close()
     test = paired_ratio(runs.test_a_s, runs.test_b_s)
     control = paired_ratio(runs.control_a_s, runs.control_b_s, seed=1)
     verdict = judge(test, control, tolerance=TOLERANCE, resolution=RESOLUTION)
@@ -194,6 +225,7 @@ def _compare(kind: str, batch_size: int, folder: Path, host: HostWindow, blocks:
         "kind": kind,
         "batch_size": batch_size,
         "blocks": blocks,
+        "trials": trials.started,
         "steps_per_chunk": loop.steps,
         "seconds": seconds,
         "torch_threads": torch.get_num_threads(),
@@ -227,11 +259,13 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def measure(kind: str, batch_size: int, folder: Path, *, blocks: int = BLOCKS) -> QuietMeasurement[dict[str, Any]]:
+def measure(
+    kind: str, batch_size: int, folder: Path, *, blocks: int = BLOCKS, chunk_s: float = CHUNK_S
+) -> QuietMeasurement[dict[str, Any]]:
     """One case on a quiet host (re-measured while busy, ``ATTEMPTS`` in all); torch on one thread meanwhile."""
     with _one_thread():
         return measure_on_quiet_host(
-            lambda host: _compare(kind, batch_size, folder, host, blocks), attempts=ATTEMPTS, threads=1
+            lambda host: _compare(kind, batch_size, folder, host, blocks, chunk_s), attempts=ATTEMPTS, threads=1
         )
 
 
@@ -246,7 +280,8 @@ def summary(measured: QuietMeasurement[dict[str, Any]]) -> str:
         f"{o['control_ci_high']:.4f}); tracker alone {o['tracker_step_us']:.2f} us per step, "
         f"{o['tracker_in_loop_step_us']:.2f} us right after a training step ({o['tracker_step_fraction']:.3%} and "
         f"{o['tracker_in_loop_fraction']:.3%} of a {o['step_s'] * 1e6:.0f} us step); {o['blocks']} blocks of "
-        f"{o['steps_per_chunk']}-step chunks in {o['seconds']:.1f} s; {host} ({measured.attempts} attempt(s)); "
+        f"{o['steps_per_chunk']}-step chunks ({o['trials']} trial(s)) in {o['seconds']:.1f} s; {host} "
+        f"({measured.attempts} attempt(s)); "
         f"verdict: {o['verdict_reason']}"
     )
 
@@ -275,13 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=KINDS, action="append", help="default: both")
     p.add_argument("--batch-size", type=int, action="append", help="default: 8 and 128")
     p.add_argument("--blocks", type=int, default=BLOCKS, help=f"ABBA test blocks per case (default: {BLOCKS})")
+    p.add_argument("--chunk-ms", type=float, default=CHUNK_S * 1e3, help="milliseconds of steps per chunk")
     p.add_argument("--json", metavar="FILE", help="write every case's figures here")
     args = p.parse_args(argv)
     outcomes, figures = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kind or KINDS:
             for batch_size in args.batch_size or BATCH_SIZES:
-                measured = measure(kind, batch_size, Path(tmp), blocks=args.blocks)
+                measured = measure(kind, batch_size, Path(tmp), blocks=args.blocks, chunk_s=args.chunk_ms / 1e3)
                 print(summary(measured), flush=True)
                 outcomes.append("busy" if measured.busy_reason else measured.value["verdict"])
                 figures.append({**measured.value, "host_busy_reason": measured.busy_reason})
