@@ -343,8 +343,9 @@ class RayExecutor:
         elif cuda:
             how = "every trial takes one GPU of its own (never shared) and one CPU"
         else:
+            threads = "Ray sets OMP_NUM_THREADS to them" if self.workload_ref is None else "its torch threads"
             how = (
-                f"a throughput trial takes {self.threads} CPUs (its torch threads), a convergence trial 1 "
+                f"a throughput trial takes {self.threads} CPUs ({threads}), a convergence trial 1 "
                 "(Ray counts CPUs, it does not pin cores)"
             )
         what = "script trials (the command runs in the task)" if self.workload_ref is None else "trials"
