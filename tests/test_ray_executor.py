@@ -297,3 +297,37 @@ def test_cli_script_sweep_through_ray(local_ray: Any, cli: Any, fast_timing: Non
         (row,) = store.trial_rows()
     assert row["status"] == "ok" and row["samples_per_s"] > 0
     assert Path(row["extra"]["script_log"]).is_relative_to(tmp_path / "script-logs")
+
+
+def test_a_stopped_sweep_cancels_its_trials_in_flight_and_ends_their_children(local_ray: Any, tmp_path: Path) -> None:
+    """The sweep stops (Ctrl-C, an error: here the consumer closes the executor's iterator) while a script trial's
+    child hangs without a timeout: its task is cancelled and the child, in its own session, is ended too."""
+    mark = str(tmp_path / "starts.txt")
+    cmd = f"{shlex.quote(sys.executable)} {SCRIPT} {{batch_size}} {{seed}} --faults 8:hang --count {mark}"
+    job = ScriptJob(name="fault", command=tuple(shlex.split(cmd)), log_dir=str(tmp_path / "logs"))
+    settings = EngineSettings(device=torch.device("cpu"), timing=QUICK)
+    specs = [TrialSpec("fault", "throughput", b, 0, 0.1) for b in (8, 4)]
+    results = RayExecutor(None, threads=1).run(iter(specs), job, settings, script_runners(job))  # type: ignore[arg-type]
+    first = next(results)
+    assert first.spec.batch_size == 4 and first.status == "ok"  # B=8 still hangs in its task
+    deadline = time.time() + 30
+    while not _processes_with(mark) and time.time() < deadline:  # its child, found by its unique command line
+        time.sleep(0.2)
+    (hung,) = _processes_with(mark)
+    results.close()  # what a KeyboardInterrupt in the sweep does to the executor
+    deadline = time.time() + 10
+    while _running(hung) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _running(hung)
+
+
+def _processes_with(text: str) -> list[int]:
+    """Pids of the running processes whose command line holds ``text``."""
+    out = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and text.encode() in Path(f"/proc/{name}/cmdline").read_bytes() and _running(int(name)):
+                out.append(int(name))
+        except OSError:
+            continue
+    return out

@@ -64,6 +64,9 @@ MAX_RETRIES = 1
 MAX_LOG_BYTES = 4 << 20
 """A script trial's log sent back from another node is cut to its last this many bytes."""
 
+_CANCEL_WAIT_S = 5.0
+"""Seconds to wait for cancelled tasks to end before their trials' processes on this node are looked for."""
+
 TRIAL_ENV = "BSPROF_RAY_TRIAL"
 """Set in a task's worker while it runs a trial (to the trial's id), so every process the trial starts inherits
 it: a retry finds and ends what an earlier attempt on its node left running (a dead worker's script child)."""
@@ -365,34 +368,51 @@ class RayExecutor:
         slots = self._slots(settings)
         shipped = self.workload_ref if self.workload_ref is not None else workload
         driver_node = ray.get_runtime_context().get_node_id()
-        pending: dict[Any, tuple[TrialSpec, float]] = {}
+        pending: dict[Any, tuple[TrialSpec, float, str]] = {}
         queue = iter(specs)
         exhausted = False
-        while True:
-            while not exhausted and len(pending) < slots:
-                spec = next(queue, None)
-                if spec is None:
-                    exhausted = True
-                    break
-                threads = self._threads(spec, settings)
-                work = _Work(
-                    shipped, spec, settings, runners, threads, self.nproc, os.getcwd(), driver_node, uuid.uuid4().hex
-                )
-                ref = task.options(**self.resources(spec, settings)).remote(work)
-                pending[ref] = (spec, time.time())
-            if not pending:
-                return
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            spec, started = pending.pop(ready[0])
-            try:
-                done = ray.get(ready[0])
-            except ray.exceptions.RayError as e:
-                reason = f"ray: {type(e).__name__} after {MAX_RETRIES} retry: {e}".splitlines()[0][:500]
-                log.warning("trial %s lost: %s", spec, reason)
-                yield ended(spec, "error", settings.device, started, error=reason)
-                continue
-            _keep_log(done)
-            yield done.result
+        try:
+            while True:
+                while not exhausted and len(pending) < slots:
+                    spec = next(queue, None)
+                    if spec is None:
+                        exhausted = True
+                        break
+                    trial_id = uuid.uuid4().hex
+                    threads = self._threads(spec, settings)
+                    work = _Work(
+                        shipped, spec, settings, runners, threads, self.nproc, os.getcwd(), driver_node, trial_id
+                    )
+                    ref = task.options(**self.resources(spec, settings)).remote(work)
+                    pending[ref] = (spec, time.time(), trial_id)
+                if not pending:
+                    return
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                spec, started, _ = pending.pop(ready[0])
+                try:
+                    done = ray.get(ready[0])
+                except ray.exceptions.RayError as e:
+                    reason = f"ray: {type(e).__name__} after {MAX_RETRIES} retry: {e}".splitlines()[0][:500]
+                    log.warning("trial %s lost: %s", spec, reason)
+                    yield ended(spec, "error", settings.device, started, error=reason)
+                    continue
+                _keep_log(done)
+                yield done.result
+        finally:
+            self._abandon(pending)
+
+    def _abandon(self, pending: dict[Any, tuple[TrialSpec, float, str]]) -> None:
+        """The sweep stopped (Ctrl-C, an error) with trials in flight: cancel their tasks (killing the workers)
+        and end what they started on this node (a script's child runs in its own session and would outlive its
+        worker); on other nodes a dead worker's children end with their own trial."""
+        if not pending:
+            return
+        log.warning("cancelling %d trial(s) in flight: %s", len(pending), [spec for spec, _, _ in pending.values()])
+        for ref in pending:
+            self.ray.cancel(ref, force=True)
+        self.ray.wait(list(pending), num_returns=len(pending), timeout=_CANCEL_WAIT_S)  # a child started meanwhile
+        for _, _, trial_id in pending.values():
+            _end_strays(trial_id)
 
     def close(self) -> None:
         """Shut Ray down if this executor started it."""
