@@ -9,11 +9,13 @@ read per ~20 ms block until the 1 s window is complete; a new trial's tracker th
 ``convergence`` (a clock read per step, for the whole run). Batch 8 (the shortest step) is the worst case for
 per-step bookkeeping, batch 128 a typical one.
 
-Measurement (:mod:`bsprof.interleaved`): torch on one thread; chunks of ``CHUNK_S`` (~4 ms) of steps; ``BLOCKS``
-ABBA blocks of four chunks (without, with, with, without; then the mirror order) interleaved with as many A/A
-control blocks (without against without) in the same run. The figure is the median over blocks of the with /
-without samples/s ratio, with a percentile-bootstrap 95% interval; the control's interval shows how finely the
-run resolves a ratio. The verdict (:func:`~bsprof.interleaved.judge`) is taken on the intervals:
+Measurement (:mod:`bsprof.interleaved`): torch on one thread; chunks of ``CHUNK_S`` (~8 ms) of steps, each led
+in by one untimed step of its own variant (the first step after a switch finds the other variant's code cold in
+the caches, which a steady loop never does); ``BLOCKS`` ABBA blocks of four chunks (without, with, with, without;
+then the mirror order) interleaved with as many A/A control blocks (without against without) in the same run.
+The figure is the median over blocks of the with / without samples/s ratio, with a percentile-bootstrap 95%
+interval; the control's interval shows how finely the run resolves a ratio. The verdict
+(:func:`~bsprof.interleaved.judge`) is taken on the intervals:
 
 * **within 1%** (pass): the ratio's whole interval is at or above 0.99;
 * **beyond 1%** (fail): its whole interval is below 0.99, and the control says the run could tell;
@@ -60,7 +62,7 @@ from bsprof.tracker import Tracker
 from bsprof.workloads.digits import digits_splits
 
 BLOCKS = 400
-CHUNK_S = 0.004
+CHUNK_S = 0.008
 MARK_EVERY_S = 0.5
 WARMUP_S = 0.5
 ISOLATED_CALLS = 20_000
@@ -101,17 +103,17 @@ class _Loop:
         self.opt.step()
         return len(idx)
 
-    def plain(self) -> None:
-        """One chunk without the tracker."""
+    def plain(self, steps: int) -> None:
+        """``steps`` steps without the tracker."""
         step = self.step
-        for _ in range(self.steps):
+        for _ in range(steps):
             step()
 
-    def tracked(self, tracker: Tracker) -> None:
-        """One chunk with the tracker's calls after every step (the same steps as :meth:`plain`: where a script
+    def tracked(self, tracker: Tracker, steps: int) -> None:
+        """``steps`` steps with the tracker's calls after each (the same steps as :meth:`plain`: where a script
         would leave its loop, the chunk goes on, and a new trial starts between blocks)."""
         step = self.step
-        for _ in range(self.steps):
+        for _ in range(steps):
             tracker.step(samples=step())
             if tracker.should_stop():
                 self.stops += 1
@@ -203,7 +205,7 @@ def _compare(kind: str, batch_size: int, folder: Path, host: HostWindow, blocks:
     loop = _Loop(batch_size)
     trials = _Trials(kind, folder, batch_size)
     step_s = loop.calibrate(chunk_s, WARMUP_S)
-    loop.tracked(trials.tracker)  # the tracker's first calls (device resolution) outside the blocks
+    loop.tracked(trials.tracker, 1)  # the tracker's first call (device resolution) outside the blocks
     mark_every = max(1, round(MARK_EVERY_S / (8 * loop.steps * step_s)))  # a test and a control block: 8 chunks
 
     def between(block: int) -> None:  # outside the timed chunks
@@ -212,7 +214,9 @@ def _compare(kind: str, batch_size: int, folder: Path, host: HostWindow, blocks:
             host.mark()  # the host's counters, every ~MARK_EVERY_S
 
     t0 = time.perf_counter()
-    runs = run_interleaved(loop.plain, lambda: loop.tracked(trials.tracker), blocks=blocks, between=between)
+    runs = run_interleaved(
+        loop.plain, lambda n: loop.tracked(trials.tracker, n), steps=loop.steps, blocks=blocks, between=between
+    )
     seconds = time.perf_counter() - t0
     in_loop = _in_loop_step_s(loop, trials.tracker)
     trials.close()

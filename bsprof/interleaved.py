@@ -4,7 +4,9 @@ For figures like "the tracker costs under 1% of the script's samples/s", which a
 regimes that change within seconds) swamps unless the two variants are measured side by side:
 
 * **ABBA blocks.** The work runs in short chunks (a few milliseconds); a block is four chunks in the order
-  A B B A, the next B A A B, and so on. A drift that is linear over a block cancels exactly (the A chunks sit at
+  A B B A, the next B A A B, and so on. Each chunk is led in by a few untimed units of the same variant: the
+  first unit after a switch of variant finds its code and data cold in the caches, which neither variant pays
+  in a steady loop. A drift that is linear over a block cancels exactly (the A chunks sit at
   positions 0 and 3, the B chunks at 1 and 2, the same mean position), and each variant comes first as often as
   the other.
 * **Paired ratios.** Each block gives one ratio, B's samples/s over A's (A's seconds over B's: the same work
@@ -55,20 +57,24 @@ class Interleaved:
 
 
 def run_interleaved(
-    a: Callable[[], object],
-    b: Callable[[], object],
+    a: Callable[[int], object],
+    b: Callable[[int], object],
     *,
+    steps: int,
     blocks: int,
+    lead_in: int = 1,
     clock: Callable[[], float] = time.perf_counter,
     between: Callable[[int], object] | None = None,
 ) -> Interleaved:
     """Run ``blocks`` test blocks (``a`` against ``b``) alternating with as many control blocks (``a`` against
-    ``a``), each in :func:`abba` order; every call of ``a`` or ``b`` is one chunk of the same work.
+    ``a``), each in :func:`abba` order; a chunk is ``run(lead_in)`` untimed, then ``run(steps)`` timed.
 
     Args:
-        a: One chunk of the reference variant.
-        b: One chunk of the variant under test.
+        a: ``a(n)`` runs ``n`` units of the work, the reference variant.
+        b: ``b(n)`` runs ``n`` units of the same work, the variant under test.
+        steps: Units per timed chunk.
         blocks: Test blocks (as many control blocks run between them).
+        lead_in: Untimed units before each timed chunk.
         clock: Seconds, monotonic (tests pass fakes).
         between: Called with the block number after each pair of blocks, outside the timed chunks (e.g. to
             read the host's load).
@@ -80,8 +86,9 @@ def run_interleaved(
             seconds = {"a": 0.0, "b": 0.0}
             for side in abba(i):
                 run = a if side == "a" else other
+                run(lead_in)
                 t0 = clock()
-                run()
+                run(steps)
                 seconds[side] += clock() - t0
             out[kind]["a"].append(seconds["a"])
             out[kind]["b"].append(seconds["b"])

@@ -8,6 +8,9 @@ import pytest
 
 from bsprof.interleaved import PairedRatio, abba, judge, paired_ratio, run_interleaved
 
+LEAD_IN = 1
+STEPS = 4
+
 
 class _Host:
     """A fake clock and two variants of one chunk of work: B takes ``slowdown`` times A's seconds; every chunk's
@@ -23,17 +26,20 @@ class _Host:
     def clock(self) -> float:
         return self.now
 
-    def _work(self, factor: float, name: str) -> None:
+    def _work(self, factor: float, name: str, steps: int) -> None:
+        if steps == LEAD_IN:  # the untimed lead-in: a switch of variant costs its first step dearly
+            self.now += 1.0 if self.log and self.log[-1] != name else 0.001
+            self.log.append(name)
+            return
         jitter = float(np.exp(self.rng.normal(0.0, self.noise))) if self.noise else 1.0
-        self.now += 0.004 * factor * (1 + self.drift * self.chunks) * jitter
+        self.now += 0.001 * steps * factor * (1 + self.drift * self.chunks) * jitter
         self.chunks += 1
-        self.log.append(name)
 
-    def a(self) -> None:
-        self._work(1.0, "a")
+    def a(self, steps: int) -> None:
+        self._work(1.0, "a", steps)
 
-    def b(self) -> None:
-        self._work(self.slowdown, "b")
+    def b(self, steps: int) -> None:
+        self._work(self.slowdown, "b", steps)
 
 
 def test_abba_alternates_and_balances_positions() -> None:
@@ -44,7 +50,8 @@ def test_abba_alternates_and_balances_positions() -> None:
 
 def test_linear_drift_cancels_in_every_block_and_the_control_reads_one() -> None:
     host = _Host(1.005, drift=0.01)  # chunks slow down by 1% each, far more than the difference measured
-    runs = run_interleaved(host.a, host.b, blocks=10, clock=host.clock)
+    # and a switch of variant costs a whole second, in the untimed lead-in
+    runs = run_interleaved(host.a, host.b, steps=STEPS, blocks=10, clock=host.clock)
     test = paired_ratio(runs.test_a_s, runs.test_b_s)
     control = paired_ratio(runs.control_a_s, runs.control_b_s)
     assert test.ratios == pytest.approx([1 / 1.005] * 10, rel=1e-12)
@@ -59,7 +66,8 @@ def test_linear_drift_cancels_in_every_block_and_the_control_reads_one() -> None
 def test_between_runs_after_each_pair_of_blocks_outside_the_timed_chunks() -> None:
     host = _Host(1.0)
     seen: list[tuple[int, int]] = []
-    run_interleaved(host.a, host.b, blocks=3, clock=host.clock, between=lambda i: seen.append((i, host.chunks)))
+    mark = lambda i: seen.append((i, host.chunks))  # noqa: E731
+    run_interleaved(host.a, host.b, steps=STEPS, blocks=3, clock=host.clock, between=mark)
     assert seen == [(0, 8), (1, 16), (2, 24)]
 
 
@@ -70,7 +78,7 @@ def test_between_runs_after_each_pair_of_blocks_outside_the_timed_chunks() -> No
 )
 def test_verdict_on_noisy_chunks(slowdown: float, noise: float, outcome: str) -> None:
     host = _Host(slowdown, noise=noise, drift=0.0005)
-    runs = run_interleaved(host.a, host.b, blocks=400, clock=host.clock)
+    runs = run_interleaved(host.a, host.b, steps=STEPS, blocks=400, clock=host.clock)
     test = paired_ratio(runs.test_a_s, runs.test_b_s)
     control = paired_ratio(runs.control_a_s, runs.control_b_s, seed=1)
     verdict = judge(test, control, tolerance=0.01, resolution=0.005)
