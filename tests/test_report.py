@@ -338,7 +338,7 @@ def test_one_report_data_call_runs_each_analysis_function_once_per_run(tmp_path,
 
         monkeypatch.setattr(module, name, counted)
 
-    for name in ("throughput_table", "convergence_analysis", "fit_steps_model", "_bootstrap_median_ci"):
+    for name in ("throughput_table", "convergence_analysis", "fit_steps_model", "bootstrap_median_ci"):
         spy(analysis, name)
     for name in ("analyze", "tradeoff_table", "pareto_front", "recommend", "gpu_table", "lr_tuning_table",
                  "gap_trend", "final_state_table", "operator_shares"):  # fmt: skip
@@ -351,7 +351,7 @@ def test_one_report_data_call_runs_each_analysis_function_once_per_run(tmp_path,
             "gpu_table", "lr_tuning_table", "gap_trend", "final_state_table", "operator_shares")  # fmt: skip
     assert {n: calls[n] for n in once} == dict.fromkeys(once, 1)
     assert calls["pareto_front"] in (1, 2)  # time vs samples, and time vs energy where measured
-    assert calls["_bootstrap_median_ci"] == 4 * 3  # 4 batch sizes x (steps, samples, seconds), once each
+    assert calls["bootstrap_median_ci"] == 4 * 3  # 4 batch sizes x (steps, samples, seconds), once each
 
 
 def test_a_drifting_throughput_trial_is_said_in_the_report(tmp_path):
