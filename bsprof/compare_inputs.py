@@ -43,6 +43,8 @@ class Result:
         threads: torch CPU threads, where recorded.
         config_hash: Hash of the run's configuration, where recorded.
         busy: Benchmarks measured on a busy host (name -> why), which the gate refuses to judge.
+        mem_sources: How each benchmark's peak memory was measured (``cuda_allocator``, ``rss_vmhwm``,
+            ``rss_sampled``), where recorded.
     """
 
     samples: Samples
@@ -54,6 +56,7 @@ class Result:
     threads: str | None = None
     config_hash: str | None = None
     busy: dict[str, str] = field(default_factory=dict)
+    mem_sources: dict[str, str] = field(default_factory=dict)
 
     def remeasured(self, names: Iterable[str], rerun: Result) -> Result:
         """This result with the benchmarks ``names`` taken from ``rerun`` (their samples, status, peak memory,
@@ -72,6 +75,7 @@ class Result:
             peak_mem_bytes=pick(self.peak_mem_bytes, rerun.peak_mem_bytes),
             devices=pick(self.devices, rerun.devices),
             busy=pick(self.busy, rerun.busy),
+            mem_sources=pick(self.mem_sources, rerun.mem_sources),
         )
 
 
@@ -85,6 +89,7 @@ def _from_benchmark_json(path: Path) -> Result:
     devices: dict[str, str] = {}
     threads: set[str] = set()
     busy: dict[str, str] = {}
+    mem_sources: dict[str, str] = {}
     for bench in doc.benchmarks:
         name, extra = bench.fullname, bench.extra_info
         status[name] = _status({str(extra.get("status") or "ok")})
@@ -92,6 +97,8 @@ def _from_benchmark_json(path: Path) -> Result:
             devices[name] = str(extra.get("device_name") or extra.get("device"))
         if extra.get("peak_mem_bytes") is not None:
             peak[name] = float(extra["peak_mem_bytes"])
+            if extra.get("peak_mem_source"):
+                mem_sources[name] = str(extra["peak_mem_source"])
         if extra.get("threads") is not None:
             threads.add(str(int(extra["threads"])))
         if status[name] != "ok":
@@ -116,7 +123,8 @@ def _from_benchmark_json(path: Path) -> Result:
     if info.get("threads") is not None:
         threads.add(str(info["threads"]))
     cfg = info.get("config_hash")
-    return Result(samples, status, peak, summary, devices, env, _joined(threads), str(cfg) if cfg else None, busy)
+    cfg_hash = str(cfg) if cfg else None
+    return Result(samples, status, peak, summary, devices, env, _joined(threads), cfg_hash, busy, mem_sources)
 
 
 def _status(statuses: set[str]) -> str:
@@ -138,6 +146,7 @@ def _from_store(path: Path) -> Result:
     peak: dict[str, float] = {}
     devices: dict[str, str] = {}
     busy: dict[str, str] = {}
+    mem_sources: dict[str, str] = {}
     with Store(path) as store:
         run_ids = store.latest_run_ids()
         runs = [store.run(r) for r in run_ids]
@@ -149,6 +158,8 @@ def _from_store(path: Path) -> Result:
                 continue
             if row.get("peak_mem_bytes") is not None:
                 peak[name] = max(peak.get(name, 0.0), float(row["peak_mem_bytes"]))
+                if row.get("peak_mem_source"):
+                    mem_sources[name] = str(row["peak_mem_source"])
             if row["kind"] == "throughput":
                 if row.get("host_busy") is True or row.get("host_busy") == 1:
                     why = (row.get("extra") or {}).get("host_load", {}).get("busy_reasons") or ["busy host"]
@@ -173,7 +184,7 @@ def _from_store(path: Path) -> Result:
     threads = _joined({str(e["torch_num_threads"]) for e in envs if e.get("torch_num_threads") is not None})
     machine = {e.get("hostname"): e.get("device_name") for e in envs}
     cfg = _joined({r.config_hash for r in runs})
-    return Result(samples, status, peak, machine, devices, env, threads, cfg, busy)
+    return Result(samples, status, peak, machine, devices, env, threads, cfg, busy, mem_sources)
 
 
 def load_result(path: str | Path) -> Result:

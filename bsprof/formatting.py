@@ -120,7 +120,7 @@ def format_seconds(s: Any, unit: tuple[str, float] | None = None, digits: int = 
     if not math.isfinite(x):
         return ""
     name, size = unit or select_unit([x], TIME_UNITS)
-    return f"{x / size:.{digits}g} {name}"
+    return f"{format_sig(x / size, digits)} {name}"  # 1,240 µs in a µs column, never 1.24e+03 µs
 
 
 def plus_minus(value: Any, se: Any) -> str:

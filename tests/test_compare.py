@@ -272,6 +272,11 @@ def _gate_case(case: str, tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
         new[1] = _with(new[1], status="oom")
     elif case == "memory":
         new[1] = _with(new[1], peak_mem_bytes=2_300_000)  # +15% > 10%
+    elif case in ("memory-cuda", "memory-rss"):  # the same +50% growth, measured exactly vs as CPU RSS growth
+        source = "cuda_allocator" if case == "memory-cuda" else "rss_vmhwm"
+        base = [_with(b, peak_mem_source=source) for b in base]
+        new = [_with(b, peak_mem_source=source) for b in new]
+        new[1] = _with(new[1], peak_mem_bytes=3_000_000)
     elif case == "memory-allowed":
         new[1] = _with(new[1], peak_mem_bytes=2_300_000)
         args = ("--mem-fail-above", "20%")
@@ -302,6 +307,8 @@ def _gate_case(case: str, tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
         ("oom", 1, "test_throughput[w-B16] (oom)"),
         ("memory", 1, "test_throughput[w-B16] (regression)"),
         ("memory-allowed", 0, "no regression"),
+        ("memory-cuda", 1, "test_throughput[w-B16] (regression)"),
+        ("memory-rss", 0, "peak memory measured as RSS growth (CPU) is shown, not judged"),
         ("torch", 2, "torch version 2.5.1 vs 2.6.0"),
         ("torch-allowed", 0, "different environments (torch version 2.5.1 vs 2.6.0)"),
         ("gpu", 2, "device cpu vs NVIDIA A100-SXM4-80GB"),

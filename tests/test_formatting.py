@@ -50,6 +50,7 @@ def test_byte_units_and_a_threshold():
         (format_seconds(0.0123), "12.3 ms"),
         (format_seconds(0.0123, ("s", 1.0)), "0.0123 s"),
         (format_seconds(math.inf), ""),
+        (format_seconds(0.00124, ("µs", 1e-6)), "1,240 µs"),  # a value above the column unit, never 1.24e+03
         (format_number(math.inf), "∞"),
         (format_number("n/a"), ""),
         (format_number(12345.6), "12,346"),
