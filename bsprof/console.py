@@ -156,11 +156,15 @@ def print_summary(
         wall_unit = select_unit(table["wallclock_to_target_s"], TIME_UNITS)
         train_unit = select_unit(table["time_to_target_s"], TIME_UNITS)
         rows = []
+        drifted: list[str] = []  # without --wide the detail goes below the table: the status column stays narrow
         busy = {int(b) for b in a.stability.loc[a.stability["verdict"] == "busy", "batch_size"]}
         for r in table.itertuples():
             reached = "" if math.isnan(float(getattr(r, "reached_fraction", math.nan))) else f"{r.reached}/{r.seeds}"
             drift = (f"step time drifted in {int(r.drifted_trials)}/{int(r.throughput_ok)} trials"
                      if float(getattr(r, "drifted_trials", 0) or 0) > 0 else "")  # fmt: skip
+            if drift and not wide:
+                drifted.append(f"B={r.batch_size} in {int(r.drifted_trials)}/{int(r.throughput_ok)} trials")
+                drift = "drift"
             metric = (f"{format_number(r.final_val_metric, '{:.3f}')} / {format_number(r.final_train_metric, '{:.3f}')}"
                       if format_number(r.final_val_metric, "{:.3f}") else "")  # fmt: skip
             if wide:
@@ -209,6 +213,8 @@ def print_summary(
         console.print(t)
         if not wide:
             console.print("time to target = steps to target x step time (est.); more columns: --wide")
+            if drifted:
+                console.print(f"drift: step time drifted between rounds of a trial at {', '.join(drifted)}")
         _print_stability(console, a.stability)
         for note in a.input_bound:
             console.print(f"[yellow]input-bound:[/yellow] {note}")

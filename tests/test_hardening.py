@@ -401,6 +401,32 @@ def test_default_sweep_summary_fits_100_columns_without_wrapping(stored: Path) -
         assert head in header
 
 
+def test_a_drifted_batch_size_keeps_the_summary_in_100_columns(stored: Path, tmp_path: Path) -> None:
+    """A drift detail in the status cell wrapped the default sweep's B=1024 row over five lines at width 100."""
+    import shutil
+    import sqlite3
+
+    from rich.console import Console
+
+    from bsprof.console import print_summary
+
+    path = tmp_path / "drifted.db"
+    shutil.copy(stored, path)
+    with sqlite3.connect(path) as con:
+        con.execute(
+            "UPDATE trials SET metrics_json = json_set(metrics_json, '$.step_time_drifted', json('true')) "
+            "WHERE kind = 'throughput' AND batch_size = 1024 AND seed = 0"
+        )
+    console = Console(width=100, record=True, file=io.StringIO())
+    with Store(path) as s:
+        print_summary(s, s.latest_run_ids(), console=console)
+    lines = console.export_text().splitlines()
+    rows = [line.split() for line in lines if line.strip().split(" ")[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [8, 16, 32, 64, 128, 256, 512, 1024]  # one line per batch size
+    assert rows[-1][-1] == "drift" and all(r[-1] == "ok" for r in rows[:-1])
+    assert any(line.startswith("drift: step time drifted between rounds of a trial at B=1024 in 1/") for line in lines)
+
+
 def test_wide_summary_has_every_column(cli: Callable[..., CliResult], stored: Path) -> None:
     r = cli("summary", "--store", stored, "--wide")
     assert r.code == 0 and "95% CI" in r.out and "val/train" in r.out and "measured" in r.out
