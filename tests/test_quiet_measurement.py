@@ -83,3 +83,36 @@ def test_unreadable_counters_judge_nothing() -> None:
     w.mark()
     w.mark()
     assert w.rows == [] and w.busy_reason() is None
+
+
+def test_two_spinners_sharing_two_cores_with_the_measurement_make_it_busy() -> None:
+    """What a real saturated 2-core host shows: the scheduler shares the cores, so the two spinners get 1.33
+    cores and the measurement 0.67 (below the 'other cores' bound), and /proc/stat's procs_running, read by the
+    measurement itself, is 3. Session 3 saw the verdict benchmarks fail, not skip, on this host: the run queue
+    left the reading process out as if it were a sampler beside the trial."""
+    t = [0.0]
+
+    def read() -> dict[str, float]:
+        return {"sys_busy_s": 2.0 * t[0], "sys_total_s": 2.0 * t[0], "sys_steal_s": 0.0, "procs_running": 3,
+                "sampler_cpu_s": 0.67 * t[0]}  # fmt: skip
+
+    w = HostWindow(threads=1, cpu_count=2, read=read, clock=lambda: t[0])
+    for _ in range(5):
+        w.mark()
+        t[0] += 1.0
+    why = w.busy_reason()
+    assert why is not None and "3.0 runnable tasks on 2 cores" in why
+
+
+def test_one_spinner_beside_a_one_thread_measurement_is_not_busy() -> None:
+    t = [0.0]
+
+    def read() -> dict[str, float]:
+        return {"sys_busy_s": 2.0 * t[0], "sys_total_s": 2.0 * t[0], "sys_steal_s": 0.0, "procs_running": 2,
+                "sampler_cpu_s": 1.0 * t[0]}  # fmt: skip
+
+    w = HostWindow(threads=1, cpu_count=2, read=read, clock=lambda: t[0])
+    for _ in range(5):
+        w.mark()
+        t[0] += 1.0
+    assert w.busy_reason() is None

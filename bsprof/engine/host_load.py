@@ -172,7 +172,12 @@ def _delta(rows: Sequence[dict[str, Any]], key: str) -> float | None:
 
 
 def assess_host_load(
-    rows: Sequence[dict[str, Any]], *, cpu_count: int, threads: int, gpu_other_processes: int | None = None
+    rows: Sequence[dict[str, Any]],
+    *,
+    cpu_count: int,
+    threads: int,
+    gpu_other_processes: int | None = None,
+    reader_is_trial: bool = False,
 ) -> HostLoad | None:
     """The :class:`HostLoad` of a window's polls (rows with ``t_s`` and :data:`HOST_KEYS`), or ``None`` when
     fewer than two polls carry the host's counters.
@@ -182,6 +187,8 @@ def assess_host_load(
         cpu_count: Logical CPUs of the host.
         threads: CPU threads the trial needed.
         gpu_other_processes: Most other processes seen on the trial's GPU, ``None`` if not read.
+        reader_is_trial: The process that read ``procs_running`` is the measurement itself (:class:`HostWindow`),
+            not a sampler beside it: it counts as a runnable task instead of being left out.
     """
     timed = [r for r in rows if r.get("sys_total_s") is not None and r.get("t_s") is not None]
     if len(timed) < 2:
@@ -195,7 +202,8 @@ def assess_host_load(
         own_cores = own / wall_s
     if total and steal is not None:
         steal_pct = 100.0 * steal / total
-    queue = [float(r["procs_running"]) - 1.0 for r in timed if r.get("procs_running") is not None]
+    reader = 0.0 if reader_is_trial else 1.0  # a sampler reading the counters is running then: leave it out
+    queue = [float(r["procs_running"]) - reader for r in timed if r.get("procs_running") is not None]
     run_queue = sum(queue) / len(queue) if queue else None
     reasons = []
     free = cpu_count - threads + OTHER_CPU_SLACK_CORES
@@ -284,7 +292,7 @@ class HostWindow:
         self.rows.append({**counters, "own_cpu_s": own, "sampler_cpu_s": 0.0, "t_s": self._clock() - self._t0})
 
     def _assess(self, rows: Sequence[dict[str, Any]]) -> HostLoad | None:
-        return assess_host_load(rows, cpu_count=self.cpu_count, threads=self.threads)
+        return assess_host_load(rows, cpu_count=self.cpu_count, threads=self.threads, reader_is_trial=True)
 
     def busy_reason(self) -> str | None:
         """Why the window counts as busy, or ``None``: when the whole window is busy (:func:`assess_host_load`),
