@@ -25,7 +25,8 @@ Inside a trial the tracker follows the engine's measurement discipline:
   When the window is complete it is reported and ``should_stop()`` turns ``True``.
 * **convergence** trials: every :meth:`Tracker.evaluate` is reported with the step, samples and training
   seconds (evaluation excluded: the clock is read, after a device sync, when an evaluation is reported, and
-  the time since the last :meth:`Tracker.step` counts as evaluation); the target rule is the engine's
+  the time since the last step counts as evaluation; :meth:`Tracker.step` reads the clock every ~20 ms of steps
+  and where the next evaluation is due, see :meth:`Tracker._read_step`); the target rule is the engine's
   :class:`~bsprof.engine.target.TargetWatch`, so ``should_stop()`` turns ``True`` when the target is reached
   (with the trial's patience), the loss diverged, or the trial's step or time budget is spent.
 * **memory**: the engine's :func:`~bsprof.engine.trial.memory_metrics` (CUDA allocator peaks; on the CPU the
@@ -58,6 +59,7 @@ __all__ = ["NullTracker", "Tracker", "track"]
 log = logging.getLogger(__name__)
 
 _active: Tracker | None = None
+_READ_EVERY_S = 0.02  # convergence: seconds of steps between clock reads (see Tracker._read_step)
 
 
 class NullTracker:
@@ -124,6 +126,14 @@ class Tracker:
     """
 
     active = True
+    # Slots: a compact object whose fields a step reads without an attribute dict (33 attributes are past
+    # CPython's shared-keys limit of 30, which would make every instance keep one).
+    __slots__ = (
+        "_clock", "_device", "_eval_steps", "_fd", "_first_loss", "_granted", "_last_step_t", "_loss", "_max_steps",
+        "_memory", "_next_eval_steps", "_odd_samples", "_peers", "_prev_read_steps", "_prev_read_t",
+        "_previous_hook", "_quiet", "_read_steps", "_segment_t", "_steps", "_stop", "_sync", "_sync_ready",
+        "_timer", "_watch", "batch_size", "closed", "eval_s", "kind", "lr", "order", "rank", "seed", "train_s",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -143,15 +153,22 @@ class Tracker:
         self._device: Any = device
         self._fd = os.open(order.report, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if self.rank == 0 else None
         self.closed = False
-        self.steps = 0
-        self.samples = 0
+        self._steps = 0  # steps recorded, less the quiet steps not yet handed to the timer (see steps)
+        self._odd_samples = 0  # samples beyond batch_size x steps (steps of another size than the trial's)
         self.train_s = 0.0
         self.eval_s = 0.0
         self._segment_t = self._last_step_t = 0.0
+        # convergence: the clock read after some steps only (see _read_step); these place the last two reads
+        self._read_steps = self._prev_read_steps = 0
+        self._prev_read_t = 0.0
+        self._eval_steps = 0  # steps at the last evaluation
+        self._next_eval_steps = 0  # where the next evaluation is expected (evaluations a period apart), or 0
         self._stop = False
         self._first_loss: float | None = None
         self._loss: Any = None
         self._timer: BlockTimer | None = None
+        self._quiet = self._granted = 0  # steps left, and given, before the clock is needed (timer or read)
+        self._max_steps = order.max_steps if order.max_steps is not None else math.inf
         self._watch: TargetWatch | None = None
         if order.kind == "throughput":
             timing = TimingSettings(**order.timing) if order.timing else TimingSettings()
@@ -166,13 +183,23 @@ class Tracker:
             self._previous_hook = sys.excepthook
             sys.excepthook = self._excepthook
             atexit.register(self.close)
-        self._segment_t = self._last_step_t = clock()  # training seconds count from here, set-up excluded
+        self._segment_t = self._last_step_t = self._prev_read_t = clock()  # training seconds count from here
 
     # -- the three calls ------------------------------------------------------------------------------
     def start(self) -> None:
         """Restart the training clock (the integrations call it when training begins)."""
         if self.steps == 0:
-            self._segment_t = self._last_step_t = self._clock()
+            self._segment_t = self._last_step_t = self._prev_read_t = self._clock()
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps recorded by :meth:`step`."""
+        return self._steps + self._granted - self._quiet
+
+    @property
+    def samples(self) -> int:
+        """Global samples in the steps recorded by :meth:`step`."""
+        return self.batch_size * self.steps + self._odd_samples
 
     def step(self, samples: int | None = None, loss: Any = None) -> None:
         """Record one optimizer step of ``samples`` samples (default: the trial's batch size).
@@ -182,20 +209,17 @@ class Tracker:
             loss: The step's loss (a tensor or float), optional: checked for divergence at evaluations
                 (not every step, so no device sync is added).
         """
-        self.steps += 1
-        self.samples += self.batch_size if samples is None else int(samples)
-        if self._timer is not None:
-            if self._timer.step_done() and not self._stop:
-                self._stop = True
-                self._report_throughput(complete=True)
-            return
-        self._last_step_t = self._clock()
+        if samples is not None and samples != self.batch_size:
+            self._odd_samples += int(samples) - self.batch_size
         if loss is not None:
             self._loss = loss
-            if self._first_loss is None:
-                self._first_loss = float(loss)
-        if self.order.max_steps is not None and self.steps >= self.order.max_steps:
-            self._stop = True
+        if self._quiet:  # a step that needs no clock, counted by the countdown alone (see _timer_step)
+            self._quiet -= 1
+            return
+        if self._timer is not None:
+            self._timer_step()
+        else:
+            self._read_step()
 
     def evaluate(self, metric: float, step: int | None = None) -> None:
         """Record one evaluation of the validation metric (after the evaluation ran).
@@ -205,15 +229,27 @@ class Tracker:
             step: Optimizer steps done; default: the steps recorded by :meth:`step`.
         """
         if self._timer is not None:
+            self._hand_quiet_steps()
             self._timer.interrupt()  # the evaluation's time must not land in a timed block
+            self._quiet = self._granted = self._timer.quiet_steps()
             return
         if self.kind != "convergence":
             return
         self._sync_now()
         now = self._clock()
-        self.train_s += max(0.0, self._last_step_t - self._segment_t)
-        self.eval_s += max(0.0, now - self._last_step_t)
-        self._segment_t = self._last_step_t = now
+        end = self._last_step_t  # the end of the last step: the clock read after it, or else its estimate
+        unread = self._granted - self._quiet
+        if unread:  # the steps since the last read, at the pace between the last two reads
+            pace_s = (self._last_step_t - self._prev_read_t) / max(1, self._read_steps - self._prev_read_steps)
+            end = min(now, self._last_step_t + unread * pace_s)
+            self._steps += unread
+            self._quiet = self._granted = 0
+        self.train_s += max(0.0, end - self._segment_t)
+        self.eval_s += max(0.0, now - end)
+        self._segment_t = self._last_step_t = self._prev_read_t = now
+        self._read_steps = self._prev_read_steps = self._steps
+        self._next_eval_steps = 2 * self._steps - self._eval_steps if self._steps > self._eval_steps else 0
+        self._eval_steps = self._steps
         steps = self.steps if step is None else int(step)
         row: dict[str, Any] = {"step": steps, "samples": self.samples, "train_s": self.train_s}
         row["val_metric"] = float(metric)
@@ -239,6 +275,7 @@ class Tracker:
         if self.closed:
             return
         if self._timer is not None and not self._stop:
+            self._hand_quiet_steps()
             self._report_throughput(complete=False)
         self._emit(
             {
@@ -256,6 +293,57 @@ class Tracker:
             self._fd = None
 
     # -- internals ------------------------------------------------------------------------------------
+    def _timer_step(self) -> None:
+        """A throughput step that may end a block: it goes to the timer with the quiet steps counted before it.
+
+        Between the timer's clock reads, :meth:`step` only counts down the steps the timer said it needs no
+        clock for (:meth:`~bsprof.engine.timing.BlockTimer.quiet_steps`): a call into the timer after every
+        step cost the digits script ~0.7% of its samples/s at batch size 8 (``benchmarks/
+        test_tracker_overhead.py``); one per ~20 ms block, its code cold from the training steps, ~15 us."""
+        assert self._timer is not None
+        counted = self._granted - self._quiet
+        self._steps += counted + 1  # the quiet steps and this one
+        done = self._timer.step_done(counted + 1)
+        self._quiet = self._granted = self._timer.quiet_steps()
+        if done and not self._stop:
+            self._stop = True
+            self._report_throughput(complete=True)
+
+    def _read_step(self) -> None:
+        """A step after which the clock is read (not a throughput trial), with the quiet steps counted before it.
+
+        The clock is read about every ``_READ_EVERY_S`` seconds of steps (at the pace between the last two reads),
+        after the first step, after each evaluation's first step, at ``max_steps``, and at the step where the
+        next evaluation is expected when evaluations come a period apart: that evaluation's training seconds are
+        then exact, and any other's count its last unread steps (fewer than ``_READ_EVERY_S`` of them) at that
+        pace. A read after every step cost the digits script ~0.7% of its samples/s at batch size 8, one every
+        ~2 ms as much (a read whose code the training steps left cold costs ~15 us); one every ~20 ms, ~0.1%
+        (``benchmarks/test_tracker_overhead.py``)."""
+        self._steps += self._granted - self._quiet + 1
+        now = self._clock()
+        self._prev_read_t, self._last_step_t = self._last_step_t, now
+        self._prev_read_steps, self._read_steps = self._read_steps, self._steps
+        if self._first_loss is None and self._loss is not None:
+            self._first_loss = float(self._loss)
+        if self._steps >= self._max_steps:
+            self._stop = True
+        elapsed = now - self._prev_read_t
+        quiet = int(_READ_EVERY_S * (self._steps - self._prev_read_steps) / elapsed) - 1 if elapsed > 0 else 0
+        if self._next_eval_steps > self._steps:
+            quiet = min(quiet, self._next_eval_steps - self._steps - 1)
+        if self._max_steps != math.inf:
+            quiet = min(quiet, int(self._max_steps) - self._steps - 1)
+        self._quiet = self._granted = max(0, quiet)
+
+    def _hand_quiet_steps(self) -> None:
+        """Give the timer the quiet steps counted since its last clock read (before an interruption or a report)."""
+        assert self._timer is not None
+        counted = self._granted - self._quiet
+        if counted:
+            self._timer.step_done(counted)  # fewer than it allows before a clock read: none is read
+            self._steps += counted
+            self._granted = self._quiet
+
     def _resolved_device(self) -> Any:
         if self._device is None:
             import torch

@@ -65,6 +65,25 @@ def test_block_timer_times_the_blocks_time_steps_times_and_syncs_only_at_boundar
     assert timer.result() == times
 
 
+def test_block_timer_warmup_reads_the_clock_a_few_times_and_ends_where_time_steps_does() -> None:
+    s = TimingSettings(warmup_steps=2, warmup_s=10.0, min_time_s=2.0, min_steps=4, block_min_s=0.25, min_blocks=2)
+    ref = Fake()
+    expected = time_steps(ref.step, batch_size=8, settings=s, sync=ref.sync, clock=ref.clock)
+    dev = Fake()
+    timer = BlockTimer(batch_size=8, settings=s, sync=dev.sync, clock=dev.clock)
+    while not timer.step_done():
+        dev.step()
+    times = timer.result()
+    assert times is not None and times.block_times_s == expected.block_times_s
+    assert times.warmup_steps == expected.warmup_steps + 1  # the same 80 warm-up steps (10 s of 0.125 s steps)
+    assert times.warmup_steps - 3 == 1 + 80  # less the calibration's blocks of 1 and 2 steps
+    step_81 = [i for i, e in enumerate(dev.events) if e == "step"][80]  # the first step of calibration
+    # the start, after warmup_steps, then after half the steps left at each read (41, 60, 70, 75, 77, 78, 79, 80)
+    assert dev.events[:step_81].count("clock") == 10
+    ref_step_80 = [i for i, e in enumerate(ref.events) if e == "step"][79]
+    assert ref.events[:ref_step_80].count("clock") > 70  # time_steps: a read per step
+
+
 def test_block_timer_result_is_none_before_the_first_block() -> None:
     timer = BlockTimer(batch_size=4, settings=TimingSettings(warmup_steps=3, warmup_s=0.0), clock=Fake().clock)
     timer.step_done()
@@ -108,6 +127,40 @@ def test_tracker_convergence_excludes_evaluation_time_and_stops_at_target(tmp_pa
     assert tracker.eval_s == 20.0
     assert events[0]["event"] == "start" and events[-1]["event"] == "end"
     assert events[-1]["steps"] == 2
+
+
+def test_tracker_convergence_reads_the_clock_every_few_steps_and_keeps_training_seconds(tmp_path: Path) -> None:
+    dt = 2.0**-8  # ~4 ms a step: ~5 steps between the tracker's clock reads (every ~20 ms of steps)
+    dev = Fake(dt=dt)
+    order = _order(tmp_path, target=2.0, max_steps=95)  # a target never reached
+    tracker = Tracker(order, clock=dev.clock, sync=dev.sync, install_hooks=False)
+    dev.events.clear()  # the tracker's own start read
+    evaluations = {10, 20, 30, 37, 50}  # every 10 steps, and one off the period (37)
+    step = 0
+    while not tracker.should_stop():
+        dev.step()
+        step += 1
+        tracker.step(samples=4, loss=1.0)
+        if step in evaluations:
+            dev.now += 1.0  # a second of evaluation
+            tracker.evaluate(metric=0.5)
+    tracker.close()
+    assert step == 95 and tracker.steps == 95 and tracker.samples == 4 * 95  # stopped at max_steps exactly
+    evals = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == sorted(evaluations)
+    # training seconds are the steps' seconds, evaluation excluded, the off-period one included (at a steady pace)
+    assert [e["train_s"] for e in evals] == pytest.approx([n * dt for n in sorted(evaluations)], abs=1e-12)
+    assert tracker.eval_s == pytest.approx(len(evaluations) * 1.0, abs=1e-12)
+    reads = dev.events.count("clock") - len(evaluations)
+    assert reads < 95 / 2  # not one read per step
+    # reads land where the next evaluation is expected, a period after the last (37 -> 44): the steps at each
+    # read, from the event log
+    read_at, n = [], 0
+    for e in dev.events:
+        n += e == "step"
+        if e == "clock":
+            read_at.append(n)
+    assert {1, 10, 20, 30, 44, 95} <= set(read_at)
 
 
 def test_read_events_ignores_a_torn_last_line(tmp_path: Path) -> None:
@@ -183,3 +236,77 @@ def test_should_stop_agrees_across_ranks_only_when_there_are_ranks(
     assert tracker.should_stop() is agrees  # one process: its own flag, no call into torch.distributed per step
     assert asked == ([False] if agrees else [])
     tracker.close()
+
+
+def _per_step(timer: BlockTimer, dev: Fake, evaluate_every: int = 0) -> int:
+    """Drive ``timer`` one step_done() per step (an evaluation of 100 s every ``evaluate_every`` steps)."""
+    for steps in range(1, 100_000):
+        dev.step()
+        if timer.step_done():
+            return steps
+        if evaluate_every and steps % evaluate_every == 0:
+            dev.now += 100.0
+            timer.interrupt()
+    raise AssertionError("the window never completed")
+
+
+def test_block_timer_takes_its_quiet_steps_at_once_with_the_same_clock_reads_and_blocks() -> None:
+    s = TimingSettings(warmup_steps=6, warmup_s=1.0, min_time_s=10.0, min_steps=20, block_min_s=0.5, min_blocks=7)
+    ref_dev = Fake()
+    ref = BlockTimer(batch_size=8, settings=s, sync=ref_dev.sync, clock=ref_dev.clock)
+    ref_steps = _per_step(ref, ref_dev)
+    dev = Fake()
+    timer = BlockTimer(batch_size=8, settings=s, sync=dev.sync, clock=dev.clock)
+    steps, calls, done = 0, 0, False
+    while not done:
+        at_once = timer.quiet_steps() + 1
+        for _ in range(at_once):
+            dev.step()
+        steps, calls = steps + at_once, calls + 1
+        done = timer.step_done(at_once)
+    assert steps == ref_steps and timer.result() == ref.result()
+    assert dev.events == ref_dev.events  # the same steps, syncs and clock reads, in the same order
+    assert calls < steps / 3  # most steps were counted by the caller
+    assert timer.quiet_steps() > 10**15  # done: no step needs the clock any more
+
+
+def test_block_timer_refuses_steps_that_would_cross_a_block_boundary() -> None:
+    timer = BlockTimer(batch_size=8, settings=TimingSettings(warmup_steps=4, warmup_s=0.0), clock=Fake().clock)
+    assert timer.quiet_steps() == 0  # the first step starts the clock
+    timer.step_done()
+    assert timer.quiet_steps() == 3
+    with pytest.raises(ValueError, match="at most 4 may end"):
+        timer.step_done(5)
+    with pytest.raises(ValueError, match="at most 4"):
+        timer.step_done(0)
+    assert timer.step_done(4) is False and timer.quiet_steps() == 0  # warm-up met: calibration's 1-step block
+
+
+def test_tracker_throughput_window_is_the_block_timers_with_evaluations_in_between(tmp_path: Path) -> None:
+    s = TimingSettings(warmup_steps=3, warmup_s=1.0, min_time_s=2.0, min_steps=8, block_min_s=0.25, min_blocks=4)
+    ref_dev = Fake()
+    ref = BlockTimer(batch_size=4, settings=s, sync=ref_dev.sync, clock=ref_dev.clock)
+    ref_steps = _per_step(ref, ref_dev, evaluate_every=7)
+    dev = Fake()
+    order = _order(tmp_path, kind="throughput", target=None, timing=s.__dict__)
+    tracker = Tracker(order, clock=dev.clock, sync=dev.sync, install_hooks=False)
+    dev.events.clear()  # the tracker's own start read
+    steps = 0
+    while not tracker.should_stop():
+        dev.step()
+        tracker.step(samples=4)
+        steps += 1
+        if steps % 7 == 0 and not tracker.should_stop():
+            dev.now += 100.0
+            tracker.evaluate(metric=0.5)
+    tracker.close()
+    assert steps == ref_steps and ref.interrupted_blocks > 0
+    assert dev.events == ref_dev.events  # clock reads and syncs at the same steps as the per-step timer's
+    window = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "throughput"]
+    assert len(window) == 1 and window[0]["complete"] is True and window[0]["steps"] == steps
+    times = ref.result()
+    assert times is not None
+    assert tuple(window[0]["block_times_s"]) == times.block_times_s and set(times.block_times_s) == {0.25}
+    assert window[0]["warmup_steps"] == times.warmup_steps
+    assert window[0]["interrupted_blocks"] == ref.interrupted_blocks
+    assert tracker.steps == steps and tracker.samples == 4 * steps

@@ -38,6 +38,7 @@ __all__ = ["DRIFT_REL_THRESHOLD", "BlockTimer", "StepTimes", "TimingSettings", "
 DRIFT_REL_THRESHOLD = 0.10
 # Blocks compared at each end: a quarter of the blocks, at least this many (and drift needs twice as many).
 _DRIFT_MIN_END_BLOCKS = 2
+_FOREVER = 2**62  # more steps than any run takes
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ def time_steps(
     warm += calibration_steps
 
     blocks: list[float] = []
+    timed_s = 0.0
     sync()
     t_prev = clock()
     t_first = t_prev
@@ -228,17 +230,19 @@ def time_steps(
         sync()
         t = clock()
         blocks.append(t - t_prev)
+        timed_s += t - t_prev
         t_prev = t
-        if _measured_enough(s, blocks, steps_per_block, t - t_first):
+        if _measured_enough(s, timed_s, len(blocks), steps_per_block, t - t_first):
             break
     return StepTimes(tuple(blocks), steps_per_block, batch_size, warm)
 
 
-def _measured_enough(s: TimingSettings, blocks: list[float], steps_per_block: int, elapsed_s: float) -> bool:
-    """Whether the timed blocks meet ``min_time_s``, ``min_steps`` and ``min_blocks``, or ``max_time_s`` has
-    passed since the first block started."""
-    done = math.fsum(blocks) >= s.min_time_s and len(blocks) * steps_per_block >= s.min_steps
-    return (done and len(blocks) >= s.min_blocks) or (s.max_time_s is not None and elapsed_s >= s.max_time_s)
+def _measured_enough(s: TimingSettings, timed_s: float, blocks: int, steps_per_block: int, elapsed_s: float) -> bool:
+    """Whether ``blocks`` timed blocks of ``timed_s`` seconds in all meet ``min_time_s``, ``min_steps`` and
+    ``min_blocks``, or ``max_time_s`` has passed since the first block started (constant time: the callers keep
+    the running sum, so that the check after a block costs the same after 10 blocks as after 10,000)."""
+    done = timed_s >= s.min_time_s and blocks * steps_per_block >= s.min_steps
+    return (done and blocks >= s.min_blocks) or (s.max_time_s is not None and elapsed_s >= s.max_time_s)
 
 
 class BlockTimer:
@@ -246,7 +250,9 @@ class BlockTimer:
     calls :meth:`step_done` after every whole step (bsprof's tracker inside a user's script does).
 
     The first call only starts the clock (the step before it ran at an unknown time, set-up included); the
-    warm-up goes on until ``warmup_steps`` steps and ``warmup_s`` seconds have been seen; calibration then
+    warm-up goes on until ``warmup_steps`` steps and ``warmup_s`` seconds have been seen (the clock is read after
+    ``warmup_steps``, then each time after the steps that fill half the warm-up left at the pace so far: a
+    handful of reads, the last within a step of ``warmup_s``); calibration then
     times blocks of 1, 2, 4, ... steps until one lasts ``block_min_s`` (as :func:`time_steps` does, its
     steps count as warm-up); then consecutive blocks of that size are timed until ``min_time_s``,
     ``min_steps`` and ``min_blocks`` are met (or ``max_time_s`` has passed). The device is synchronised before
@@ -281,43 +287,77 @@ class BlockTimer:
         self.steps_per_block = 0
         self._t_first = 0.0
         self.block_times_s: list[float] = []
+        self._timed_s = 0.0  # the sum of block_times_s
+        self._warm_next = self.settings.warmup_steps  # warm-up steps after which the clock is read next
         self.window_start_t: float | None = None
         self.window_end_t: float | None = None
         self.interrupted_blocks = 0
         self._steps = 0
         self._interrupted_at = 0
-        self._cap = 2**62  # the fewest steps seen between two interruptions: no block may be longer
+        self._cap = _FOREVER  # the fewest steps seen between two interruptions: no block may be longer
         self.done = False
 
     def _read(self) -> float:
         self._sync()
         return self._clock()
 
-    def step_done(self) -> bool:
-        """Record that one whole training step ended; returns whether the measurement is complete."""
+    def quiet_steps(self) -> int:
+        """How many more steps can end before one needs the clock (a block boundary, the end of the minimum
+        warm-up): a caller may count them itself and pass them all to the :meth:`step_done` after them (bsprof's
+        tracker does, so that a user's step costs it a countdown in its own object). Very large once done."""
+        if self.done:
+            return _FOREVER
+        if self._phase == "timed":
+            return self.steps_per_block - self._in_block - 1
+        if self._phase == "calibrate":
+            return self._block - self._in_block - 1
+        if self._phase == "warmup":
+            return max(0, self._warm_next - self._in_block - 1)
+        return 0
+
+    def step_done(self, steps: int = 1) -> bool:
+        """Record that ``steps`` whole training steps ended (more than one: the steps before the last were
+        counted by the caller, at most :meth:`quiet_steps` of them); returns whether the measurement is complete.
+
+        Raises:
+            ValueError: ``steps`` is below 1, or it carries the steps past a block boundary (they would land in
+                the wrong block).
+        """
         if self.done:
             return True
+        if steps != 1 and not 1 <= steps <= self.quiet_steps() + 1:
+            raise ValueError(
+                f"{steps} steps at once: at most {self.quiet_steps() + 1} may end before the clock is read"
+            )
         s = self.settings
-        self._steps += 1
-        self._in_block += 1
+        self._steps += steps
+        self._in_block += steps
         if self._phase == "timed":
             if self._in_block < self.steps_per_block:
                 return False
             t = self._read()
             self.block_times_s.append(t - self._t_prev)
+            self._timed_s += t - self._t_prev
             self._t_prev = self.window_end_t = t
             self._in_block = 0
-            self.done = _measured_enough(s, self.block_times_s, self.steps_per_block, t - self._t_first)
+            self.done = _measured_enough(
+                s, self._timed_s, len(self.block_times_s), self.steps_per_block, t - self._t_first
+            )
             return self.done
-        self._warm += 1
+        self._warm += steps
         if self._phase == "start":
             self._t_prev, self._in_block, self._phase = self._read(), 0, "warmup"
             return False
         if self._phase == "warmup":
-            if self._in_block < s.warmup_steps:
+            if self._in_block < self._warm_next:
                 return False
             t = self._read()
-            if t - self._t_prev < s.warmup_s:
+            elapsed = t - self._t_prev
+            if elapsed < s.warmup_s:
+                # the clock is read again after the steps that fill half the warm-up left at the pace so far:
+                # a few reads in all, not one per step, and the warm-up ends within a step of warmup_s
+                more = 0.5 * (s.warmup_s - elapsed) * self._in_block / elapsed if elapsed > 0 else 0.0
+                self._warm_next = self._in_block + max(1, min(int(more), _FOREVER))
                 return False
             self._t_prev, self._in_block, self._phase = t, 0, "calibrate"
             return False
@@ -350,7 +390,7 @@ class BlockTimer:
             self.interrupted_blocks += 1
         if self._phase == "timed" and self.steps_per_block > self._cap:
             # blocks this long never fit between two evaluations: calibrate again within the gap
-            self._phase, self._block, self.block_times_s = "calibrate", self._cap, []
+            self._phase, self._block, self.block_times_s, self._timed_s = "calibrate", self._cap, [], 0.0
             self.window_start_t = self.window_end_t = None
         self._block = min(self._block, self._cap)
         self._in_block = 0
