@@ -126,13 +126,14 @@ class Tracker:
     """
 
     active = True
-    # Slots: a compact object whose fields a step reads without an attribute dict (33 attributes are past
+    # Slots: a compact object whose fields a step reads without an attribute dict (35 attributes are past
     # CPython's shared-keys limit of 30, which would make every instance keep one).
     __slots__ = (
         "_clock", "_device", "_eval_steps", "_fd", "_first_loss", "_granted", "_last_step_t", "_loss", "_max_steps",
-        "_memory", "_next_eval_steps", "_odd_samples", "_peers", "_prev_read_steps", "_prev_read_t",
-        "_previous_hook", "_quiet", "_read_steps", "_segment_t", "_steps", "_stop", "_sync", "_sync_ready",
-        "_timer", "_watch", "batch_size", "closed", "eval_s", "kind", "lr", "order", "rank", "seed", "train_s",
+        "_memory", "_next_eval_steps", "_odd_samples", "_paced_steps", "_paced_t", "_peers", "_prev_read_steps",
+        "_prev_read_t", "_previous_hook", "_quiet", "_read_steps", "_segment_t", "_steps", "_stop", "_sync",
+        "_sync_ready", "_timer", "_watch", "batch_size", "closed", "eval_s", "kind", "lr", "order", "rank", "seed",
+        "train_s",
     )  # fmt: skip
 
     def __init__(
@@ -159,9 +160,9 @@ class Tracker:
         self.eval_s = 0.0
         self._segment_t = self._last_step_t = 0.0
         # convergence: the clock read after some steps only (see _read_step); these place the last two reads
-        self._read_steps = self._prev_read_steps = 0
-        self._prev_read_t = 0.0
-        self._eval_steps = 0  # steps at the last evaluation
+        self._read_steps = self._prev_read_steps = self._paced_steps = 0
+        self._prev_read_t = self._paced_t = 0.0  # paced: the read after an evaluation's first step
+        self._eval_steps = -1  # steps at the last evaluation (-1: none yet)
         self._next_eval_steps = 0  # where the next evaluation is expected (evaluations a period apart), or 0
         self._stop = False
         self._first_loss: float | None = None
@@ -239,16 +240,22 @@ class Tracker:
         now = self._clock()
         end = self._last_step_t  # the end of the last step: the clock read after it, or else its estimate
         unread = self._granted - self._quiet
-        if unread:  # the steps since the last read, at the pace between the last two reads
-            pace_s = (self._last_step_t - self._prev_read_t) / max(1, self._read_steps - self._prev_read_steps)
+        if unread:  # the steps since the last read, at the segment's pace past its first step (or the last read's)
+            first_t, first_steps = (
+                (self._paced_t, self._paced_steps)
+                if self._read_steps > self._paced_steps
+                else (self._prev_read_t, self._prev_read_steps)
+            )
+            pace_s = (self._last_step_t - first_t) / max(1, self._read_steps - first_steps)
             end = min(now, self._last_step_t + unread * pace_s)
             self._steps += unread
-            self._quiet = self._granted = 0
+        self._quiet = self._granted = 0  # the next step is read: it starts the next segment's pace
         self.train_s += max(0.0, end - self._segment_t)
         self.eval_s += max(0.0, now - end)
         self._segment_t = self._last_step_t = self._prev_read_t = now
         self._read_steps = self._prev_read_steps = self._steps
-        self._next_eval_steps = 2 * self._steps - self._eval_steps if self._steps > self._eval_steps else 0
+        last = max(0, self._eval_steps)  # the first evaluation's period is counted from step 0
+        self._next_eval_steps = 2 * self._steps - last if self._steps > last else 0
         self._eval_steps = self._steps
         steps = self.steps if step is None else int(step)
         row: dict[str, Any] = {"step": steps, "samples": self.samples, "train_s": self.train_s}
@@ -264,6 +271,9 @@ class Tracker:
         if self.order.max_time_s is not None and self.train_s >= self.order.max_time_s:
             self._stop = True
         self._emit({"event": "eval", **row})
+        after = self._clock()  # the tracker's own work here (the event written, ~50 us) is not training either
+        self.eval_s += after - now
+        self._segment_t = self._last_step_t = self._prev_read_t = after
 
     def should_stop(self) -> bool:
         """Whether bsprof has what this trial needs (the timed window, the target, a spent budget, a
@@ -312,23 +322,32 @@ class Tracker:
     def _read_step(self) -> None:
         """A step after which the clock is read (not a throughput trial), with the quiet steps counted before it.
 
-        The clock is read about every ``_READ_EVERY_S`` seconds of steps (at the pace between the last two reads),
-        after the first step, after each evaluation's first step, at ``max_steps``, and at the step where the
-        next evaluation is expected when evaluations come a period apart: that evaluation's training seconds are
-        then exact, and any other's count its last unread steps (fewer than ``_READ_EVERY_S`` of them) at that
-        pace. A read after every step cost the digits script ~0.7% of its samples/s at batch size 8, one every
-        ~2 ms as much (a read whose code the training steps left cold costs ~15 us); one every ~20 ms, ~0.1%
+        The clock is read after every step until the first evaluation (warm-up changes the pace, and no period
+        is known yet: the first evaluation's training seconds are exact); then 1, 2, 4, 8, ... steps after each
+        evaluation, the gap doubling up to ``_READ_EVERY_S`` seconds of steps (at the pace between the last two
+        reads); at ``max_steps``; and at the step where the next evaluation is expected when evaluations come a
+        period apart: that evaluation's training seconds are then exact, and any other's count its last unread
+        steps (fewer than half the steps since the last evaluation, and than ``_READ_EVERY_S`` of them) at the
+        pace between the last two reads, which leaves out the slow first steps after an evaluation. A read
+        after every step cost the digits script ~0.7% of its samples/s at batch size 8, one every ~2 ms as much
+        (a read whose code the training steps left cold costs ~15 us); one every ~20 ms, ~0.1%
         (``benchmarks/test_tracker_overhead.py``)."""
         self._steps += self._granted - self._quiet + 1
         now = self._clock()
         self._prev_read_t, self._last_step_t = self._last_step_t, now
         self._prev_read_steps, self._read_steps = self._read_steps, self._steps
+        if self._steps == self._eval_steps + 1:  # the segment's pace is counted from here (see evaluate)
+            self._paced_t, self._paced_steps = now, self._steps
         if self._first_loss is None and self._loss is not None:
             self._first_loss = float(self._loss)
         if self._steps >= self._max_steps:
             self._stop = True
         elapsed = now - self._prev_read_t
         quiet = int(_READ_EVERY_S * (self._steps - self._prev_read_steps) / elapsed) - 1 if elapsed > 0 else 0
+        if self._eval_steps < 0:
+            quiet = 0  # before the first evaluation: the pace still changes (warm-up) and no period is known
+        else:  # reads 1, 2, 4, 8, ... steps after an evaluation: the pace is taken past its first, slow steps
+            quiet = min(quiet, self._steps - self._eval_steps - 1)
         if self._next_eval_steps > self._steps:
             quiet = min(quiet, self._next_eval_steps - self._steps - 1)
         if self._max_steps != math.inf:

@@ -130,37 +130,41 @@ def test_tracker_convergence_excludes_evaluation_time_and_stops_at_target(tmp_pa
 
 
 def test_tracker_convergence_reads_the_clock_every_few_steps_and_keeps_training_seconds(tmp_path: Path) -> None:
-    dt = 2.0**-8  # ~4 ms a step: ~5 steps between the tracker's clock reads (every ~20 ms of steps)
-    dev = Fake(dt=dt)
-    order = _order(tmp_path, target=2.0, max_steps=95)  # a target never reached
+    unit = 2.0**-10  # ~1 ms: ~20 steps in the ~20 ms between the tracker's clock reads; binary, so sums are exact
+    dev = Fake(dt=unit)
+    order = _order(tmp_path, target=2.0, max_steps=200)  # a target never reached
     tracker = Tracker(order, clock=dev.clock, sync=dev.sync, install_hooks=False)
     dev.events.clear()  # the tracker's own start read
-    evaluations = {10, 20, 30, 37, 50}  # every 10 steps, and one off the period (37)
-    step = 0
+    evaluations = [10, 20, 30, 37, 52, 61, 130]  # a period of 10 steps at first, then off it
+    trained, expected, step = 0.0, [], 0
     while not tracker.should_stop():
-        dev.step()
         step += 1
+        # warm-up (4, then 2 units a step), and the first step after an evaluation 4 units (its caches cold)
+        dev.dt = unit * (4 if step <= 3 or step - 1 in evaluations else 2 if step <= 6 else 1)
+        dev.step()
+        trained += dev.dt
         tracker.step(samples=4, loss=1.0)
         if step in evaluations:
             dev.now += 1.0  # a second of evaluation
             tracker.evaluate(metric=0.5)
+            expected.append(trained)
     tracker.close()
-    assert step == 95 and tracker.steps == 95 and tracker.samples == 4 * 95  # stopped at max_steps exactly
+    assert step == 200 and tracker.steps == 200 and tracker.samples == 4 * 200  # stopped at max_steps exactly
     evals = [e for e in read_events(tmp_path / "events.jsonl") if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == sorted(evaluations)
-    # training seconds are the steps' seconds, evaluation excluded, the off-period one included (at a steady pace)
-    assert [e["train_s"] for e in evals] == pytest.approx([n * dt for n in sorted(evaluations)], abs=1e-12)
+    assert [e["step"] for e in evals] == evaluations
+    # training seconds: the steps' own, evaluation excluded; exact at the period's evaluations (read there) and,
+    # the steady pace between the last two reads leaving the slow first steps out, at the others too
+    assert [e["train_s"] for e in evals] == pytest.approx(expected, abs=1e-12)
     assert tracker.eval_s == pytest.approx(len(evaluations) * 1.0, abs=1e-12)
-    reads = dev.events.count("clock") - len(evaluations)
-    assert reads < 95 / 2  # not one read per step
-    # reads land where the next evaluation is expected, a period after the last (37 -> 44): the steps at each
-    # read, from the event log
-    read_at, n = [], 0
-    for e in dev.events:
+    read_at, n = [], 0  # the steps after which step() read the clock (an evaluation's two reads follow a sync)
+    for i, e in enumerate(dev.events):
         n += e == "step"
-        if e == "clock":
+        if e == "clock" and dev.events[i - 1] not in ("sync", "clock"):
             read_at.append(n)
-    assert {1, 10, 20, 30, 44, 95} <= set(read_at)
+    assert read_at[:10] == list(range(1, 11))  # every step until the first evaluation
+    assert {20, 30, 44, 200} <= set(read_at)  # where the next is due (37 -> 44, a period after 30), max_steps
+    assert {131, 132, 134, 138, 146} <= set(read_at)  # 1, 2, 4, 8, 16 steps after an evaluation
+    assert len(read_at) < 200 / 3  # not one read per step
 
 
 def test_read_events_ignores_a_torn_last_line(tmp_path: Path) -> None:
