@@ -211,8 +211,12 @@ class _Trials:
 
 def _isolated_step_s(kind: str, report: Path, batch_size: int) -> float:
     """The tracker's own seconds per step: its two calls in a loop, minus the same loop empty (best of repeats);
-    its throughput window never completes, and its counting between clock reads is what is timed."""
+    its throughput window never completes, and its counting between clock reads is what is timed (convergence:
+    after a first evaluation)."""
     tracker = _tracker(kind, report, batch_size, TimingSettings(warmup_s=0.0, min_time_s=1e9, min_steps=10**9))
+    if kind == "convergence":  # after its first evaluation, as in _compare
+        tracker.step(samples=batch_size)
+        tracker.evaluate(metric=0.0)
     best = math.inf
     for _ in range(ISOLATED_REPEATS):
         t0 = time.perf_counter()
