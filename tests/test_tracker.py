@@ -15,7 +15,7 @@ from test_timing import FakeDevice as Fake  # a clock that advances per step; a 
 
 from bsprof.engine.script_protocol import ENV_VAR, TrialOrder, read_events
 from bsprof.engine.target import TargetWatch
-from bsprof.engine.timing import BlockTimer, TimingSettings, time_steps
+from bsprof.engine.timing import BlockTimer, StepTimes, TimingSettings, time_steps
 from bsprof.tracker import NullTracker, Tracker, track
 
 
@@ -35,12 +35,17 @@ def test_importing_and_calling_track_outside_bsprof_imports_nothing_heavy() -> N
     assert out.stdout.strip() == "[]"  # torch (and numpy) stay unimported
 
 
-def test_block_timer_times_the_blocks_time_steps_times_and_syncs_only_at_boundaries() -> None:
-    s = TimingSettings(warmup_steps=2, warmup_s=1.0, min_time_s=10.0, min_steps=20, block_min_s=0.5, min_blocks=7)
+def _timer_beside_time_steps(s: TimingSettings) -> tuple[Fake, StepTimes, Fake, BlockTimer]:
+    """``time_steps`` run on one fake device, and a fresh :class:`BlockTimer` on another, both with ``s``."""
     ref = Fake()
     expected = time_steps(ref.step, batch_size=8, settings=s, sync=ref.sync, clock=ref.clock)
     dev = Fake()
-    timer = BlockTimer(batch_size=8, settings=s, sync=dev.sync, clock=dev.clock)
+    return ref, expected, dev, BlockTimer(batch_size=8, settings=s, sync=dev.sync, clock=dev.clock)
+
+
+def test_block_timer_times_the_blocks_time_steps_times_and_syncs_only_at_boundaries() -> None:
+    s = TimingSettings(warmup_steps=2, warmup_s=1.0, min_time_s=10.0, min_steps=20, block_min_s=0.5, min_blocks=7)
+    _, expected, dev, timer = _timer_beside_time_steps(s)
     steps = 0
     while not timer.step_done():
         dev.step()
@@ -67,10 +72,7 @@ def test_block_timer_times_the_blocks_time_steps_times_and_syncs_only_at_boundar
 
 def test_block_timer_warmup_reads_the_clock_a_few_times_and_ends_where_time_steps_does() -> None:
     s = TimingSettings(warmup_steps=2, warmup_s=10.0, min_time_s=2.0, min_steps=4, block_min_s=0.25, min_blocks=2)
-    ref = Fake()
-    expected = time_steps(ref.step, batch_size=8, settings=s, sync=ref.sync, clock=ref.clock)
-    dev = Fake()
-    timer = BlockTimer(batch_size=8, settings=s, sync=dev.sync, clock=dev.clock)
+    ref, expected, dev, timer = _timer_beside_time_steps(s)
     while not timer.step_done():
         dev.step()
     times = timer.result()
