@@ -84,6 +84,7 @@ def _ddp_worker(rank: int, port: int, steps: int, out: str) -> None:
         if rank == 0:
             state = {k: v.clone() for k, v in step.model.state_dict().items()}
             torch.save({"state": state, "norms": norms, "agreed": agreed, "samples": step.samples_done}, out)
+        dist.barrier()  # leave together (see DataParallel.stop)
     finally:
         dist.destroy_process_group()
 

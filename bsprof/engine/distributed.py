@@ -109,6 +109,14 @@ class DataParallel:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(seconds=_TIMEOUT_S))
 
+    def stop(self) -> None:
+        """Leave the process group together: a barrier, then destroy it (unless not joined). A rank that exits
+        while another still talks to it, or with its group alive, can abort in gloo's threads at exit
+        ("terminate called without an active exception"), failing the launch after every trial was stored."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def per_rank_batch(self, batch_size: int) -> int:
         """Samples per rank per step at global ``batch_size``.
 
@@ -406,8 +414,9 @@ class DataParallelDriver:
             yield with_noise_scale(merge_ranks(result, ranks, self.world))
 
     def close(self) -> None:
-        """Tell the other ranks the sweep is over."""
+        """Tell the other ranks the sweep is over, and leave the process group with them."""
         dist.broadcast_object_list([None], src=0)
+        self.world.stop()
 
 
 def follow(world: DataParallel, workload: Workload, settings: EngineSettings, runners: dict[str, Runner]) -> int:
@@ -423,6 +432,7 @@ def follow(world: DataParallel, workload: Workload, settings: EngineSettings, ru
         dist.broadcast_object_list(box, src=0)
         spec = box[0]
         if spec is None:
+            world.stop()
             return n
         result = _run_here(spec, workload, settings, runners)
         dist.gather_object(_summary(result), None, dst=0)

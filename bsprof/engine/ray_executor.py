@@ -244,7 +244,8 @@ def _rank(blob: bytes) -> TrialResult | None:
         finally:
             driver.close()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a rank that failed before the driver's close() or follow()'s end
+            dist.destroy_process_group()
 
 
 def _log_to_send(result: TrialResult, remote: bool) -> bytes | None:
