@@ -240,13 +240,9 @@ class Tracker:
         now = self._clock()
         end = self._last_step_t  # the end of the last step: the clock read after it, or else its estimate
         unread = self._granted - self._quiet
-        if unread:  # the steps since the last read, at the segment's pace past its first step (or the last read's)
-            first_t, first_steps = (
-                (self._paced_t, self._paced_steps)
-                if self._read_steps > self._paced_steps
-                else (self._prev_read_t, self._prev_read_steps)
-            )
-            pace_s = (self._last_step_t - first_t) / max(1, self._read_steps - first_steps)
+        if unread:  # the steps since the last read, at the segment's pace past its first step
+            # (unread steps follow a read 2+ steps after the evaluation, so the read after its first step is earlier)
+            pace_s = (self._last_step_t - self._paced_t) / (self._read_steps - self._paced_steps)
             end = min(now, self._last_step_t + unread * pace_s)
             self._steps += unread
         self._quiet = self._granted = 0  # the next step is read: it starts the next segment's pace
@@ -328,7 +324,7 @@ class Tracker:
         reads); at ``max_steps``; and at the step where the next evaluation is expected when evaluations come a
         period apart: that evaluation's training seconds are then exact, and any other's count its last unread
         steps (fewer than half the steps since the last evaluation, and than ``_READ_EVERY_S`` of them) at the
-        pace between the last two reads, which leaves out the slow first steps after an evaluation. A read
+        pace since the read after the evaluation's first step, which leaves that slow step out. A read
         after every step cost the digits script ~0.7% of its samples/s at batch size 8, one every ~2 ms as much
         (a read whose code the training steps left cold costs ~15 us); one every ~20 ms, ~0.1%
         (``benchmarks/test_tracker_overhead.py``)."""
