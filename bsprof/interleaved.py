@@ -19,19 +19,35 @@ regimes that change within seconds) swamps unless the two variants are measured 
 *beyond* when its whole interval is below it, and *unresolved* when the control's interval reaches further
 than ``resolution`` from 1 (identical code looking different: too noisy to judge) or the test's interval
 straddles the bound. Pure apart from the clock the caller passes to :func:`run_interleaved`.
+
+Comparisons that cannot be cut into short chunks (a whole trial against a reference loop, rounds of a second)
+pair their rounds the same way, the order flipping every round, and are judged by the same rule on the median
+per-round ratio (:func:`ratio_interval`): with ``two_sided=True`` when B must be within ``tolerance`` of A
+either way (a measurement against a reference), and without a control (``control=None``) when the two sides are
+different methods by design, so that the interval alone says whether the run resolved the tolerance.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from bsprof.analysis import bootstrap_median_ci
 
-__all__ = ["Interleaved", "PairedRatio", "Verdict", "abba", "judge", "paired_ratio", "run_interleaved"]
+__all__ = [
+    "Interleaved",
+    "PairedRatio",
+    "Verdict",
+    "abba",
+    "judge",
+    "paired_ratio",
+    "ratio_interval",
+    "run_interleaved",
+]
 
 
 def abba(block: int) -> tuple[str, str, str, str]:
@@ -119,9 +135,15 @@ class PairedRatio:
 
 def paired_ratio(a_s: tuple[float, ...], b_s: tuple[float, ...], *, n_boot: int = 4000, seed: int = 0) -> PairedRatio:
     """The :class:`PairedRatio` of blocks whose variants took ``a_s`` and ``b_s`` seconds (the same work)."""
-    ratios = np.asarray(a_s, dtype=float) / np.asarray(b_s, dtype=float)
-    low, high = bootstrap_median_ci(ratios, np.random.default_rng(seed), n_boot)
-    return PairedRatio(float(np.median(ratios)), low, high, len(ratios), tuple(float(r) for r in ratios))
+    return ratio_interval(np.asarray(a_s, dtype=float) / np.asarray(b_s, dtype=float), n_boot=n_boot, seed=seed)
+
+
+def ratio_interval(ratios: Sequence[float] | np.ndarray, *, n_boot: int = 4000, seed: int = 0) -> PairedRatio:
+    """The :class:`PairedRatio` of per-block (or per-round) ratios B/A: their median and its percentile-bootstrap
+    95% interval (``n_boot`` resamples, seeded)."""
+    values = np.asarray(ratios, dtype=float)
+    low, high = bootstrap_median_ci(values, np.random.default_rng(seed), n_boot)
+    return PairedRatio(float(np.median(values)), low, high, len(values), tuple(float(r) for r in values))
 
 
 @dataclass(frozen=True)
@@ -137,26 +159,41 @@ class Verdict:
     reason: str
 
 
-def judge(test: PairedRatio, control: PairedRatio, *, tolerance: float, resolution: float) -> Verdict:
+def judge(
+    test: PairedRatio,
+    control: PairedRatio | None,
+    *,
+    tolerance: float,
+    resolution: float = 0.0,
+    two_sided: bool = False,
+) -> Verdict:
     """Decide on the intervals (see the module docstring).
 
     Args:
         test: B against A.
-        control: A against A, measured in the same run.
-        tolerance: Largest accepted slowdown of B (0.01 = B keeps at least 99% of A's speed).
+        control: A against A, measured in the same run; ``None`` when there is none (the interval alone decides).
+        tolerance: Largest accepted slowdown of B (0.01 = B keeps at least 99% of A's speed); with
+            ``two_sided``, the largest accepted difference either way.
         resolution: How far from 1 the control's interval may reach for the run to count as able to judge.
+        two_sided: Judge ``|B/A - 1| <= tolerance`` (B must also not be faster by more than ``tolerance``).
     """
-    bound = 1 - tolerance
-    figures = (
-        f"B/A {test.median:.4f} (95% CI {test.ci_low:.4f}-{test.ci_high:.4f}), A/A control {control.median:.4f} "
-        f"(CI {control.ci_low:.4f}-{control.ci_high:.4f}), {test.blocks} blocks"
-    )
-    reach = max(1 - control.ci_low, control.ci_high - 1)
-    if not reach <= resolution:
-        return Verdict("unresolved", f"too noisy to judge: the A/A control reaches {reach:.2%} from 1 (> "
-                                     f"{resolution:.2%}): {figures}")  # fmt: skip
-    if test.ci_low >= bound:
+    low_bound, high_bound = 1 - tolerance, (1 + tolerance if two_sided else math.inf)
+    figures = f"B/A {test.median:.4f} (95% CI {test.ci_low:.4f}-{test.ci_high:.4f})"
+    if control is not None:
+        figures += f", A/A control {control.median:.4f} (CI {control.ci_low:.4f}-{control.ci_high:.4f})"
+    figures += f", {test.blocks} blocks"
+    if control is not None:
+        reach = max(1 - control.ci_low, control.ci_high - 1)
+        if not reach <= resolution:
+            return Verdict("unresolved", f"too noisy to judge: the A/A control reaches {reach:.2%} from 1 (> "
+                                         f"{resolution:.2%}): {figures}")  # fmt: skip
+    band = f"{low_bound:.4f}-{high_bound:.4f}" if two_sided else f"{low_bound:.4f}"
+    if test.ci_low >= low_bound and test.ci_high <= high_bound:
         return Verdict("within", f"within {tolerance:.0%}: {figures}")
-    if test.ci_high < bound:
+    if test.ci_high < low_bound:
         return Verdict("beyond", f"slower by more than {tolerance:.0%}: {figures}")
-    return Verdict("unresolved", f"the interval straddles {bound:.4f}: {figures}")
+    if test.ci_low > high_bound:
+        return Verdict("beyond", f"faster by more than {tolerance:.0%}: {figures}")
+    if math.isnan(test.ci_low) or math.isnan(test.ci_high):
+        return Verdict("unresolved", f"no interval: {figures}")
+    return Verdict("unresolved", f"the interval straddles {band}: {figures}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bsprof.interleaved import PairedRatio, abba, judge, paired_ratio, run_interleaved
+from bsprof.interleaved import PairedRatio, abba, judge, paired_ratio, ratio_interval, run_interleaved
 
 LEAD_IN = 1
 STEPS = 4
@@ -113,3 +113,33 @@ def test_a_control_without_an_interval_cannot_judge() -> None:
     nan = float("nan")
     verdict = judge(_ratio(0.995, 0.993, 0.997), _ratio(nan, nan, nan), tolerance=0.01, resolution=0.005)
     assert verdict.outcome == "unresolved"
+
+
+@pytest.mark.parametrize(
+    ("test", "outcome", "words"),
+    [
+        (_ratio(1.01, 0.99, 1.03), "within", "within 3%"),
+        (_ratio(0.975, 0.971, 0.979), "within", "within 3%"),
+        (_ratio(0.94, 0.93, 0.95), "beyond", "slower by more than 3%"),
+        (_ratio(1.06, 1.05, 1.07), "beyond", "faster by more than 3%"),
+        (_ratio(1.02, 1.00, 1.04), "unresolved", "straddles 0.9700-1.0300"),
+        (_ratio(0.97, 0.95, 0.99), "unresolved", "straddles 0.9700-1.0300"),
+    ],
+)
+def test_two_sided_judge_without_a_control(test: PairedRatio, outcome: str, words: str) -> None:
+    verdict = judge(test, None, tolerance=0.03, two_sided=True)
+    assert verdict.outcome == outcome and words in verdict.reason, verdict.reason
+    assert "control" not in verdict.reason
+
+
+def test_one_sided_judge_accepts_a_faster_b() -> None:
+    assert judge(_ratio(1.06, 1.05, 1.07), None, tolerance=0.03).outcome == "within"
+
+
+def test_ratio_interval_of_rounds_covers_their_median() -> None:
+    rng = np.random.default_rng(3)
+    rounds = 0.95 * np.exp(rng.normal(0.0, 0.02, 41))
+    ratio = ratio_interval(rounds)
+    assert ratio.median == pytest.approx(float(np.median(rounds))) and ratio.blocks == 41
+    assert ratio.ci_low < ratio.median < ratio.ci_high and ratio.ci_high - ratio.ci_low < 0.03
+    assert judge(ratio, None, tolerance=0.03, two_sided=True).outcome != "within"  # 5% off: never within 3%
