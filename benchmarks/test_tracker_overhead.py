@@ -12,12 +12,17 @@ made before the blocks; before its first evaluation the tracker reads the clock 
 ~0.7% of the samples/s at batch 8 in the previous design, where every step was read). Batch 8 (the shortest
 step) is the worst case for per-step bookkeeping, batch 128 a typical one.
 
-Measurement (:mod:`bsprof.interleaved`): torch on one thread; chunks of ``CHUNK_S`` (~8 ms) of steps, each led
+Measurement (:mod:`bsprof.interleaved`): torch on one thread; chunks of ``CHUNK_S`` (~2 ms) of steps, each led
 in by one untimed step of its own variant (the first step after a switch finds the other variant's code cold in
 the caches, which a steady loop never does); ``BLOCKS`` ABBA blocks of four chunks (without, with, with, without;
 then the mirror order) interleaved with as many A/A control blocks (without against without) in the same run.
 The figure is the median over blocks of the with / without samples/s ratio, with a percentile-bootstrap 95%
-interval; the control's interval shows how finely the run resolves a ratio. The verdict
+interval; the control's interval shows how finely the run resolves a ratio. Chunk length: on this 2-core shared
+host the block ratios' spread hardly shrinks with longer chunks (A/A MAD ~10% at 2, 8 and 32 ms alike: load
+regimes of tens of milliseconds), so short blocks resolve most per second (95% interval +/-0.5% after ~35 s
+at 2 ms, +/-1.1% after ~25 s at 8 ms). The tracker's sparse costs (a clock read per ~20 ms) fall in a fifth of
+the blocks; with a spread far wider than their shift, the median moves by their share of it, as a mean would.
+The verdict
 (:func:`~bsprof.interleaved.judge`) is taken on the intervals:
 
 * **within 1%** (pass): the ratio's whole interval is at or above 0.99;
@@ -65,8 +70,8 @@ from bsprof.interleaved import judge, paired_ratio, run_interleaved
 from bsprof.tracker import Tracker
 from bsprof.workloads.digits import digits_splits
 
-BLOCKS = 400
-CHUNK_S = 0.008
+BLOCKS = 3000
+CHUNK_S = 0.002
 MARK_EVERY_S = 0.5
 WARMUP_S = 0.5
 ISOLATED_CALLS = 20_000
@@ -177,6 +182,7 @@ class _Trials:
         self.kind, self.folder, self.batch_size = kind, folder, batch_size
         self.started = 0
         self.clock = _TrainingClock()
+        self.plain_clock = _TrainingClock()  # run_plain's, read as run's is and never by a tracker
         self.tracker = self._start()
 
     def _start(self) -> Tracker:
@@ -191,6 +197,16 @@ class _Trials:
         self.clock.resume()
         loop.tracked(self.tracker, steps)
         self.clock.pause()
+
+    def run_plain(self, loop: _Loop, steps: int) -> None:
+        """``steps`` steps without the tracker, through the same calls as :meth:`run` (a clock of their own):
+        the benchmark's own work in a chunk must be the same on both sides. It is not negligible: two clock
+        reads and three calls made right after the other variant's steps, their code cold in the caches, cost
+        several microseconds, ~0.5% of a 2 ms chunk, which a bare ``loop.plain`` on one side only had counted
+        against the tracker."""
+        self.plain_clock.resume()
+        loop.plain(steps)
+        self.plain_clock.pause()
 
     def next_if_done(self) -> None:
         if self.tracker.should_stop():
@@ -265,7 +281,8 @@ def _compare(kind: str, batch_size: int, folder: Path, host: HostWindow, blocks:
             host.mark()  # the host's counters, every ~MARK_EVERY_S
 
     t0 = time.perf_counter()
-    runs = run_interleaved(loop.plain, lambda n: trials.run(loop, n), steps=loop.steps, blocks=blocks, between=between)
+    plain, tracked = (lambda n: trials.run_plain(loop, n)), (lambda n: trials.run(loop, n))
+    runs = run_interleaved(plain, tracked, steps=loop.steps, blocks=blocks, between=between)
     seconds = time.perf_counter() - t0
     trials.clock.resume()
     in_loop = _in_loop_step_s(loop, trials.tracker)
