@@ -18,6 +18,9 @@ class ConstantNvml:
     def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
         return index
 
+    def nvmlDeviceGetMigMode(self, handle: int) -> list[int]:
+        return [0, 0]  # [current, pending]: an Ampere-or-newer GPU with MIG off (pre-Ampere raise NOT_SUPPORTED)
+
     def nvmlDeviceGetName(self, handle: int) -> str:
         return "fake"
 

@@ -246,6 +246,20 @@ def test_a_gpu_in_mig_mode_is_never_read_as_a_torch_device_by_index() -> None:
     assert resolve_handle(fake, 1, visible_devices=None) == 1  # the GPU out of MIG mode maps as before
 
 
+def test_a_pynvml_without_mig_mode_reads_the_gpu_by_index() -> None:
+    """pynvml before 11.0 has no ``nvmlDeviceGetMigMode`` (nor any GPU in MIG mode): not an error."""
+
+    class OldNvml(FakeNvml):
+        def __getattribute__(self, name: str) -> object:
+            if name == "nvmlDeviceGetMigMode":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    fake = OldNvml([FakeDevice(uuid=uuid(0))])
+    assert resolve_handle(fake, 0, visible_devices=None) == 0
+    assert isinstance(open_nvml_gpu(0, nvml=fake, visible_devices=None), NvmlGpu)
+
+
 def test_driver_version_through_the_nvml_layer() -> None:
     fake = fake_gpus(driver_version="535.104.05")
     assert driver_version(nvml=fake) == ("535.104.05", None)

@@ -216,9 +216,12 @@ def _whole_gpu(nvml: NvmlLibrary, handle: Any, torch_index: int) -> Any:
     Raises:
         NvmlNotFound: The GPU is in MIG mode.
     """
+    get_mig_mode = getattr(nvml, "nvmlDeviceGetMigMode", None)
+    if get_mig_mode is None:  # a pynvml older than MIG (before 11.0): no MIG either
+        return handle
     try:
-        mode = call(nvml.nvmlDeviceGetMigMode, handle)
-    except NvmlError:  # NOT_SUPPORTED (pre-Ampere GPUs, or an older pynvml): no MIG
+        mode = call(get_mig_mode, handle)
+    except NvmlError:  # NOT_SUPPORTED (pre-Ampere GPUs): no MIG
         return handle
     if int(mode[0]) == NVML_DEVICE_MIG_ENABLE:
         raise NvmlNotFound(
