@@ -45,6 +45,7 @@ __all__ = [
     "abba",
     "judge",
     "paired_ratio",
+    "pooled_ratio",
     "ratio_interval",
     "run_interleaved",
 ]
@@ -144,6 +145,26 @@ def ratio_interval(ratios: Sequence[float] | np.ndarray, *, n_boot: int = 4000, 
     values = np.asarray(ratios, dtype=float)
     low, high = bootstrap_median_ci(values, np.random.default_rng(seed), n_boot)
     return PairedRatio(float(np.median(values)), low, high, len(values), tuple(float(r) for r in values))
+
+
+def pooled_ratio(groups: Sequence[Sequence[float]], *, n_boot: int = 2000, seed: int = 0) -> PairedRatio:
+    """The :class:`PairedRatio` of block ratios measured in several processes (``groups``, one per process): the
+    median of all blocks, and a percentile-bootstrap 95% interval that draws whole processes with replacement,
+    so that it also holds how much a whole process can differ from another: code and data land at other
+    addresses in each interpreter (address-space randomisation), which can move a process's every block alike
+    and which no number of blocks in one process averages out (pyperf runs its benchmarks in many processes for
+    the same reason). Only the processes are resampled, not their blocks as well: a second level of resampling
+    would count the blocks' noise twice. One group: :func:`ratio_interval`."""
+    arrays = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    if len(arrays) <= 1:
+        return ratio_interval(arrays[0] if arrays else np.array([]), n_boot=n_boot, seed=seed)
+    rng = np.random.default_rng(seed)
+    pooled = np.concatenate(arrays)
+    medians = np.empty(n_boot)
+    for i in range(n_boot):
+        medians[i] = np.median(np.concatenate([arrays[j] for j in rng.integers(0, len(arrays), size=len(arrays))]))
+    low, high = np.quantile(medians, [0.025, 0.975], method="inverted_cdf")
+    return PairedRatio(float(np.median(pooled)), float(low), float(high), len(pooled), tuple(pooled.tolist()))
 
 
 @dataclass(frozen=True)

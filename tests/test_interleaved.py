@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bsprof.interleaved import PairedRatio, abba, judge, paired_ratio, ratio_interval, run_interleaved
+from bsprof.interleaved import PairedRatio, abba, judge, paired_ratio, pooled_ratio, ratio_interval, run_interleaved
 
 LEAD_IN = 1
 STEPS = 4
@@ -143,3 +143,19 @@ def test_ratio_interval_of_rounds_covers_their_median() -> None:
     assert ratio.median == pytest.approx(float(np.median(rounds))) and ratio.blocks == 41
     assert ratio.ci_low < ratio.median < ratio.ci_high and ratio.ci_high - ratio.ci_low < 0.03
     assert judge(ratio, None, tolerance=0.03, two_sided=True).outcome != "within"  # 5% off: never within 3%
+
+
+def test_pooled_ratio_widens_for_processes_that_disagree() -> None:
+    """Eight processes of 2000 blocks each: alike, the pooled interval is about one process's over sqrt(8); each
+    shifted by its own offset (a layout effect), the interval also holds the spread between processes."""
+    rng = np.random.default_rng(7)
+    alike = [0.992 * np.exp(rng.normal(0.0, 0.05, 2000)) for _ in range(8)]
+    shifts = (-0.008, -0.006, -0.003, -0.001, 0.001, 0.003, 0.006, 0.008)
+    apart = [0.992 * np.exp(s + rng.normal(0.0, 0.05, 2000)) for s in shifts]
+    pooled_alike, pooled_apart = pooled_ratio(alike), pooled_ratio(apart)
+    assert pooled_alike.blocks == 16_000 and pooled_alike.ci_low < 0.992 < pooled_alike.ci_high
+    width = lambda r: r.ci_high - r.ci_low  # noqa: E731
+    ideal = 2 * 1.96 * 1.2533 * 0.05 * 0.992 / np.sqrt(16_000)  # the 95% width of the median of 16,000 blocks
+    assert 0.6 * ideal < width(pooled_alike) < 1.5 * ideal
+    assert width(pooled_apart) > 2.5 * ideal  # the processes' spread (SD 0.55%) counts
+    assert pooled_ratio([alike[0]]) == ratio_interval(alike[0], n_boot=2000)  # one process: the plain interval
