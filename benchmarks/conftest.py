@@ -55,3 +55,18 @@ def quiet_host_verdict(benchmark: Any) -> Callable[[Callable[[HostWindow], dict[
         return measured.value
 
     return verdict
+
+
+@pytest.fixture
+def assert_verdict() -> Callable[[str, str], None]:
+    """``assert_verdict(outcome, line)`` for a :class:`~bsprof.interleaved.Verdict`'s outcome: print the line,
+    skip with it when the run could not judge (``unresolved``: too noisy for the tolerance), fail unless
+    ``within``."""
+
+    def check(outcome: str, line: str) -> None:
+        print(line)
+        if outcome == "unresolved":
+            pytest.skip(line)
+        assert outcome == "within", line
+
+    return check
