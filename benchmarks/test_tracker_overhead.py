@@ -391,7 +391,9 @@ def _in_processes(kind: str, batch_size: int, args: argparse.Namespace, folder: 
         out = folder / f"{kind}-B{batch_size}-process{i}.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--kind", kind, "--batch-size", str(batch_size),
                    "--blocks", str(args.blocks), "--chunk-ms", str(args.chunk_ms), "--json", str(out)]  # fmt: skip
-        subprocess.run(command, check=False, stdout=subprocess.DEVNULL)
+        done = subprocess.run(command, check=False, stdout=subprocess.DEVNULL)  # exit 1 or 3: a verdict, not a fault
+        if not out.exists():
+            raise SystemExit(f"{kind} B={batch_size}: process {i + 1} exited with {done.returncode} and no figures")
         runs.extend(json.loads(out.read_text()))
     test = pooled_ratio([r["test_ratios"] for r in runs])
     control = pooled_ratio([r["control_ratios"] for r in runs], seed=1)
